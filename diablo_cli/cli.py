@@ -72,6 +72,46 @@ def train(
     run_training(loaded, resume=resume)
 
 
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="The adapter folder (a train run's output dir)."),
+    base: str | None = typer.Option(
+        None, "--base", help="Base model: hub id, local folder or alias. Default: the base the adapter records."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Where to write the model. Default: ADAPTER-merged."
+    ),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, bf16 or fp16. Default: the base's own dtype."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Check the merged logits against base+adapter before writing."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in the output folder."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision of the base."),
+) -> None:
+    """Fold an adapter into its base: a standalone Hugging Face model, verified, written shard by shard."""
+    from rich.console import Console
+
+    from .merge import merge_adapter
+    from .report import merge_summary, quiet_transformers, task_progress
+
+    console = Console()
+    with quiet_transformers(), task_progress(console, "merging") as advance:
+        report = merge_adapter(
+            adapter,
+            output,
+            base=base,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            verify=verify,
+            overwrite=overwrite,
+            revision=revision,
+            progress=advance,
+        )
+    for line in merge_summary(report):
+        console.print(line, highlight=False)
+
+
 def bare_resume_means_latest(argv: list[str]) -> list[str]:
     """``--resume`` may come without a value (the newest checkpoint); Typer's options cannot express an
     optional value, so a bare one gets ``latest`` here: when nothing follows it, an option does, or the

@@ -86,6 +86,38 @@ def load_base_model(
     return model, tokenizer
 
 
+MODEL_FOLDER_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+"""What a merge needs from a hub repository: configs, safetensors weights and tokenizer files (never pickles)."""
+
+
+def local_model_folder(name: str, *, revision: str | None = None) -> Path:
+    """A local folder holding ``name``'s files: the folder itself, the bundled model, or a hub snapshot
+    (downloaded once into the Hugging Face cache, safetensors and configs only)."""
+    source = resolve_model(name)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=MODEL_FOLDER_FILES))
+    except Exception as err:  # offline, gated, missing, bad id: all end in the same advice
+        raise DiaBloError(_explain_load_failure(name, source, err)) from None
+
+
+def model_class_for(config):
+    """The transformers class a checkpoint was saved from (its ``architectures``), else the causal-LM or
+    seq2seq auto class, so that T5 and decoder-only models both load as what they are."""
+    import transformers
+
+    for architecture in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, architecture, None)
+        if cls is not None:
+            return cls
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
+
+
 def _explain_load_failure(name: str, source: str, err: Exception) -> str:
     text = " ".join(str(err).split())
     if "safetensors" in text.lower() and "bin" in text.lower():
@@ -94,7 +126,11 @@ def _explain_load_failure(name: str, source: str, err: Exception) -> str:
         return f"base model {name} needs custom code; set model.trust_remote_code: true in the recipe if you trust it"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if not Path(source).exists():
-        reason = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "it could not be fetched from the hub"
+        reason = (
+            "it cannot be downloaded: the hub is offline (HF_HUB_OFFLINE=1)"
+            if offline
+            else f"it cannot be downloaded from the hub ({text[:160]})"
+        )
         if name in MODEL_ALIASES:
             return (
                 f"base model {name!r} (alias of {source}) comes from the hub and {reason}; download it where the hub "

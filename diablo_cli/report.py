@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -18,6 +21,9 @@ from rich.table import Table
 
 from .adapter import ParameterReport
 from .atomic import atomic_path
+
+if TYPE_CHECKING:
+    from .merge import MergeReport
 
 
 def parameter_table(report: ParameterReport, title: str = "DiaBlo parameters") -> Table:
@@ -93,3 +99,88 @@ def training_progress(console: Console, total_steps: int, start: int = 0) -> tup
     )
     task = progress.add_task("train", total=total_steps, completed=start, loss="—", lr="—", speed="—", memory="")
     return progress, task
+
+
+@contextmanager
+def task_progress(console: Console, label: str) -> Iterator[Callable[[str, int, int | None], None]]:
+    """A Rich progress bar driven by ``advance(phase, done, total)`` callbacks; a phase with no total
+    shows as a spinner-like bar. Yields the callback."""
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("", total=None)
+
+    def advance(phase: str, done: int, total: int | None) -> None:
+        progress.update(task, description=phase, completed=done, total=total)
+
+    with progress:
+        yield advance
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own progress bars while ours runs (two bars fighting over a line help no one)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def merge_summary(report: MergeReport) -> list[str]:
+    """The lines ``diablo merge`` ends with: what changed, how it was verified, where it went, what it cost."""
+    lines = []
+    if report.dequantized:
+        lines.append(
+            f"[yellow]note:[/] the base is quantized ({report.dequantized}); the result is a full-precision model"
+        )
+        if report.dequantization_gap is not None:
+            lines.append(
+                f"dequantizing alone moves the logits by up to {report.dequantization_gap:.3g} (the quantized kernels "
+                "also round activations); the merge below is checked against the dequantized base + adapter"
+            )
+    if report.untied:
+        lines.append(
+            f"[yellow]note:[/] {', '.join(report.untied)} was tied to the input embeddings; the merged model unties it"
+        )
+    changed = (
+        f"{report.changed_weights} of {report.adapted_weights} adapted weight matrices changed "
+        f"({report.changed_values:,} of {report.adapted_values:,} values in {report.dtype})"
+    )
+    if report.changed_weights == 0:
+        lines.append(
+            f"[bold red]warning:[/] {changed}: the adapter is a no-op (all zeros, or too small for {report.dtype})"
+        )
+    elif report.changed_weights < report.adapted_weights:
+        lines.append(f"[yellow]warning:[/] only {changed}; the rest are zero or below {report.dtype}'s rounding")
+    else:
+        lines.append(changed)
+    check = report.verification
+    if check is None:
+        lines.append("[yellow]not verified[/] (--no-verify)")
+    else:
+        effect = (
+            ""
+            if check.adapter_effect != check.adapter_effect
+            else f"; the adapter moves them by up to {check.adapter_effect:.3g}"
+        )
+        lines.append(
+            f"[green]verified[/]: merged vs base+adapter logits on {check.tokens} probe tokens differ by at most "
+            f"{check.max_abs:.3g} (relative {check.max_relative:.1e}, tolerance {check.tolerance:.0e}){effect}"
+        )
+    lines.append(
+        f"wrote {report.output_dir}: {report.tensors} tensors in {report.shards} shard{'s' * (report.shards != 1)}, "
+        f"{report.bytes_written / 1e6:,.1f} MB, {report.dtype}; {report.seconds:.1f}s, "
+        f"peak memory {report.peak_rss_bytes / 2**20:,.0f} MiB"
+    )
+    return lines

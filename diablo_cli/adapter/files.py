@@ -131,7 +131,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, trainable: b
     document = read_adapter_config(directory)
     if adapted_layers(base_model):
         raise DiaBloError("this model already has DiaBlo adapters; load into a fresh base")
-    targets = _check_against_base(base_model, document, directory)
+    targets = check_against_base(base_model, document, directory)
     with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
         if (weights.metadata() or {}).get("adapter_id") != document.get("adapter_id"):
             raise DiaBloError(
@@ -165,7 +165,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, trainable: b
     return base_model
 
 
-def _check_against_base(model: nn.Module, document: dict[str, Any], directory: Path) -> list[Target]:
+def check_against_base(model: nn.Module, document: dict[str, Any], directory: Path) -> list[Target]:
     modules = dict(model.named_modules())
     targets = []
     for name, entry in document["modules"].items():

@@ -142,6 +142,7 @@ class DiaBloLinear(nn.Module):
         self.diablo_blocks = nn.Parameter(torch.zeros(self.layout.shape, dtype=dtype, device=_module_device(base)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.active = True  # False: behave as the bare base (see adapters_disabled)
 
     @property
     def in_features(self) -> int:
@@ -151,9 +152,14 @@ class DiaBloLinear(nn.Module):
     def out_features(self) -> int:
         return self.layout.out_features
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base's weight, for model code that inspects it (T5's feed-forward checks ``wo.weight.dtype``)."""
+        return self.base.weight
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        if self.merged:
+        if self.merged or not self.active:
             return y
         update = block_diagonal_matmul(
             self.dropout(x.to(self.diablo_blocks.dtype)), self.diablo_blocks, self.out_features
@@ -183,6 +189,12 @@ class DiaBloLinear(nn.Module):
                 f"cannot merge into a {type(self.base).__name__} base: its weight is not a dense float matrix "
                 "(quantized bases must be dequantized first)"
             )
+
+    def untie_base_weight(self) -> None:
+        """Give the base its own copy of a weight it shares with another module (a tied ``lm_head``), so
+        that merging changes this layer and not the input embeddings too."""
+        weight = self.base.weight
+        self.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
     def _add_to_base(self, sign: float) -> None:
         self.check_mergeable()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -66,6 +68,7 @@ def merge_diablo(model: nn.Module, *, keep_adapter: bool = False) -> nn.Module:
         raise DiaBloError("this model has no DiaBlo adapters to merge")
     for layer in layers.values():  # all or nothing: never leave a model half-merged
         layer.check_mergeable()
+    _untie_shared_weights(model, layers)
     for name, layer in layers.items():
         layer.merge()
         if not keep_adapter:
@@ -83,6 +86,35 @@ def unmerge_diablo(model: nn.Module) -> nn.Module:
     for layer in layers.values():
         layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its bare base inside the block (to compare base and adapted outputs in one model)."""
+    layers = adapted_layers(model).values()
+    previous = [layer.active for layer in layers]
+    try:
+        for layer in layers:
+            layer.active = False
+        yield model
+    finally:
+        for layer, active in zip(layers, previous, strict=True):
+            layer.active = active
+
+
+def _untie_shared_weights(model: nn.Module, layers: dict[str, DiaBloLinear]) -> None:
+    """A merged update belongs to one layer only: a weight tied to another module (``lm_head`` and the input
+    embeddings) is copied first, and the model's config no longer claims the tie."""
+    owners: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    for name, layer in layers.items():
+        if owners.get(id(layer.base.weight), 0) > 1:
+            log.info("%s shares its weight with another module (tied embeddings); merging into a copy", name)
+            layer.untie_base_weight()
+            config = getattr(model, "config", None)
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
 
 
 def _replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -1,0 +1,615 @@
+"""``diablo merge``: fold an adapter into its base and write a standalone Hugging Face model, verified.
+
+The merge streams the base's safetensors shard by shard: each tensor is read, the blocks that belong to
+it are added in fp32, the result is cast to the output dtype and written, so peak memory stays near one
+output shard plus the adapter, whatever the model's size. Everything is written into a hidden staging
+folder beside the output; only a merge whose logits match base+adapter is renamed into place.
+
+A quantized base (bitsandbytes, GPTQ) cannot be streamed: its packed weights are loaded, dequantized to
+the output dtype, merged in memory and saved as a full-precision model (see :func:`merge_in_memory`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._version import __version__
+from .adapter import adapters_disabled, load_adapter, merge_diablo, read_adapter_config
+from .adapter.files import WEIGHTS_FILE, check_against_base
+from .adapter.layer import ADAPTER_PARAMETER, dense_update, is_conv1d
+from .errors import DiaBloError
+from .models import TORCH_DTYPES, local_model_folder, model_class_for
+
+log = logging.getLogger("diablo_cli")
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+_NOT_COPIED = {INDEX_FILE, "adapter_config.json", "README.md"}
+
+# Largest accepted |merged − (base+adapter)| over max |logit| of base+adapter on the probe batch. Merging
+# rounds each weight once to the output dtype, so the expected difference is a few units of that dtype's
+# rounding; these bounds sit ~10× above what rounding gives on real models and far below a wrong block.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+PROBE_SHAPE = (2, 32)
+
+ProgressCallback = Callable[[str, int, "int | None"], None]
+"""Called with (phase, done, total) as the merge goes; total is None for a phase of unknown length."""
+
+
+@dataclass
+class Verification:
+    """How closely the merged model reproduces base+adapter on a probe batch of token ids."""
+
+    max_abs: float
+    max_relative: float
+    adapter_effect: float  # max |logit change| the adapter makes over the bare base: 0 means a no-op
+    tolerance: float
+    tokens: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_relative <= self.tolerance
+
+
+@dataclass
+class MergeReport:
+    """What a merge did, for the CLI's summary and for Python callers."""
+
+    output_dir: Path
+    base: str
+    base_dir: Path
+    dtype: str
+    adapted_weights: int = 0
+    changed_weights: int = 0
+    changed_values: int = 0
+    adapted_values: int = 0
+    tensors: int = 0
+    shards: int = 0
+    bytes_written: int = 0
+    untied: list[str] = field(default_factory=list)
+    dequantized: str | None = None
+    dequantization_gap: float | None = None  # max |logit change| from dequantizing a quantized base
+    verification: Verification | None = None
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+def merge_adapter(
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    base: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    verify: bool = True,
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> MergeReport:
+    """Merge the adapter in ``adapter_dir`` into its base and write a Hugging Face model to ``output_dir``.
+
+    ``base`` defaults to the base recorded in the adapter; ``dtype`` (fp32/bf16/fp16) to the base's own.
+    With ``verify`` the merged model must reproduce base+adapter logits within a dtype tolerance, or
+    nothing is written. ``output_dir`` defaults to ``<adapter_dir>-merged``.
+    """
+    started = time.perf_counter()
+    adapter_dir = Path(adapter_dir)
+    document = read_adapter_config(adapter_dir)
+    base_name = base or (document.get("base_model") or {}).get("name_or_path")
+    if not base_name:
+        raise DiaBloError(f"{adapter_dir}: the adapter does not record its base model; pass --base")
+    output_dir = Path(output_dir) if output_dir is not None else adapter_dir.with_name(adapter_dir.name + "-merged")
+    _check_output_dir(output_dir, adapter_dir, overwrite=overwrite)
+    shard_limit = parse_shard_size(max_shard_size)
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise DiaBloError(f"--dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
+    base_dir = local_model_folder(base_name, revision=revision)
+    base_config = _read_json(base_dir / "config.json")
+    quantized = _quantization_method(base_config)
+    out_dtype = _output_dtype(dtype, base_dir, base_config, quantized)
+    report = MergeReport(output_dir, base_name, base_dir, _dtype_name(out_dtype), dequantized=quantized)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    progress = progress or (lambda phase, done, total: None)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-merging-", dir=output_dir.parent))
+    try:
+        if quantized:
+            progress(f"dequantizing the {quantized} base and merging in memory", 0, None)
+            merge_in_memory(adapter_dir, base_dir, base_config, staging, out_dtype, shard_limit, report, verify=verify)
+        else:
+            plan = plan_streaming_merge(adapter_dir, document, base_dir)
+            stream_merge(plan, staging, out_dtype, shard_limit, report, progress=progress)
+            _write_config(base_config, staging, out_dtype, untie=bool(report.untied))
+            if verify:
+                progress("verifying: base+adapter vs merged logits", 0, None)
+                report.verification = verify_merge(adapter_dir, base_dir, staging, out_dtype)
+        _copy_side_files(base_dir, adapter_dir, staging)
+        if report.verification is not None and not report.verification.passed:
+            check = report.verification
+            raise DiaBloError(
+                f"verification failed: the merged model's logits differ from base+adapter by {check.max_abs:.3g} "
+                f"(relative {check.max_relative:.2e}, tolerance {check.tolerance:.0e} for {report.dtype}); "
+                f"nothing was written to {output_dir}"
+            )
+        report.seconds = time.perf_counter() - started
+        report.peak_rss_bytes = peak_rss_bytes()
+        write_model_card(staging, report, adapter_dir, document)
+        _move_into_place(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+@dataclass
+class MergePlan:
+    """Where each adapted weight lives in the base's shards, and how to add its blocks."""
+
+    shards: list[Path]
+    blocks: dict[str, torch.Tensor]  # weight key in the output -> the adapter's (N, d1, d2) blocks
+    features: dict[str, tuple[int, int]]  # weight key -> (in_features, out_features)
+    transposed: set[str]  # GPT-2 Conv1D weights, stored (in, out)
+    sources: dict[str, str]  # output weight key -> key it is read from (differs for a tied lm_head)
+    tied: set[str]  # adapted weights the base ties to another module: the merged model unties them
+
+
+def plan_streaming_merge(adapter_dir: Path, document: dict[str, Any], base_dir: Path) -> MergePlan:
+    """Check the adapter against the base's architecture (built on the meta device: no weights read) and
+    find each adapted weight in the base's safetensors; the first mismatch is named."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        skeleton = model_class_for(config)._from_config(config)
+    targets = check_against_base(skeleton, document, adapter_dir)
+    modules = dict(skeleton.named_modules())
+    shards, keys = _checkpoint_keys(base_dir)
+    aliases = _tied_parameter_names(skeleton)
+
+    plan = MergePlan(shards, {}, {}, set(), {}, set())
+    with safe_open(str(adapter_dir / WEIGHTS_FILE), framework="pt") as weights:
+        for target in targets:
+            key = f"{target.name}.weight"
+            source = key if key in keys else next((alias for alias in aliases.get(key, ()) if alias in keys), None)
+            if source is None:
+                sample = ", ".join(sorted(keys)[:3])
+                raise DiaBloError(
+                    f"the base's safetensors have no tensor {key} for the adapted module {target.name} "
+                    f"(the checkpoint's keys look like: {sample}, …)"
+                )
+            plan.blocks[key] = weights.get_tensor(f"{target.name}.{ADAPTER_PARAMETER}")
+            plan.features[key] = (target.in_features, target.out_features)
+            plan.sources[key] = source
+            if aliases.get(key):
+                plan.tied.add(key)
+            if is_conv1d(modules[target.name]):
+                plan.transposed.add(key)
+    return plan
+
+
+def stream_merge(
+    plan: MergePlan,
+    out: Path,
+    dtype: torch.dtype,
+    shard_limit: int,
+    report: MergeReport,
+    *,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Read the base one tensor at a time, add the blocks where they belong, and write output shards of at
+    most ``shard_limit`` bytes (a single tensor larger than that gets a shard of its own)."""
+    writer = _ShardWriter(out, shard_limit)
+    tied_outputs = {key: source for key, source in plan.sources.items() if key != source}
+    total = sum(_count_keys(shard) for shard in plan.shards)
+    done = 0
+    for shard in plan.shards:
+        with safe_open(str(shard), framework="pt") as reader:
+            for key in list(reader.keys()):
+                tensor = reader.get_tensor(key)
+                if key in plan.blocks:
+                    tensor = _merge_one(key, tensor, plan, dtype, report)
+                elif tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                writer.add(key, tensor)
+                for output_key in [k for k, source in tied_outputs.items() if source == key]:
+                    writer.add(output_key, _merge_one(output_key, reader.get_tensor(key), plan, dtype, report))
+                done += 1
+                if progress:
+                    progress(f"tensors ({shard.name})", done, total)
+    report.tensors, report.shards, report.bytes_written = writer.close()
+    report.untied = sorted(plan.tied)
+
+
+def _merge_one(key: str, weight: torch.Tensor, plan: MergePlan, dtype: torch.dtype, report: MergeReport):
+    delta = dense_update(plan.blocks[key].float(), *plan.features[key])
+    if key in plan.transposed:
+        delta = delta.T
+    merged = (weight.float() + delta).to(dtype)
+    _count_changes(report, merged, weight.to(dtype))
+    return merged.contiguous()
+
+
+class _ShardWriter:
+    """Collects tensors and writes ``model-XXXXX-of-YYYYY.safetensors`` files (or one ``model.safetensors``)
+    with the index transformers reads; holds at most one shard in memory."""
+
+    def __init__(self, out: Path, limit: int) -> None:
+        self.out, self.limit = out, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.count = 0
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.limit:
+            self._flush()
+        self.pending[key] = tensor
+        self.pending_bytes += size
+        self.count += 1
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.out / f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> tuple[int, int, int]:
+        """Write what is pending and name the files; returns (tensors, shards, bytes)."""
+        if self.pending or not self.files:
+            self._flush()
+        summary = (self.count, len(self.files), self.total_bytes)
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.out / SINGLE_FILE)
+            return summary
+        weight_map = {}
+        for index, (path, keys) in enumerate(self.files, start=1):
+            name = f"model-{index:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.out / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index_document = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out / INDEX_FILE).write_text(json.dumps(index_document, indent=2) + "\n", encoding="utf-8")
+        return summary
+
+
+def verify_merge(adapter_dir: Path, base_dir: Path, merged_dir: Path, dtype: torch.dtype) -> Verification:
+    """Run a probe batch through base+adapter and through the merged folder loaded by plain transformers,
+    one model at a time (verifying never holds two models in memory), and compare the logits."""
+    reference = _load_folder(base_dir, dtype)
+    load_adapter(reference, adapter_dir)
+    probe = _probe_inputs(reference.config)
+    expected, bare = reference_logits(reference, probe)
+    del reference
+    return compare_with_folder(expected, bare, merged_dir, probe, dtype)
+
+
+def reference_logits(model, probe: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of an adapted model with its adapters, and of its bare base (adapters switched off)."""
+    with torch.no_grad():
+        expected = model(**probe).logits.float().cpu()
+        with adapters_disabled(model):
+            bare = model(**probe).logits.float().cpu()
+    return expected, bare
+
+
+def compare_with_folder(
+    expected: torch.Tensor, bare: torch.Tensor, merged_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype
+) -> Verification:
+    """Load ``merged_dir`` as any user would (plain transformers, its saved dtype) and score it."""
+    merged = _load_folder(merged_dir, None)
+    with torch.no_grad():
+        actual = merged(**probe).logits.float().cpu()
+    difference = (actual - expected).abs().max().item()
+    return Verification(
+        max_abs=difference,
+        max_relative=difference / (expected.abs().max().item() or 1.0),
+        adapter_effect=(expected - bare).abs().max().item(),
+        tolerance=TOLERANCE.get(dtype, 1e-2),
+        tokens=probe["input_ids"].numel(),
+    )
+
+
+def merge_in_memory(
+    adapter_dir: Path,
+    base_dir: Path,
+    base_config: dict[str, Any],
+    out: Path,
+    dtype: torch.dtype,
+    shard_limit: int,
+    report: MergeReport,
+    *,
+    verify: bool,
+) -> None:
+    """The path for quantized bases: load them as transformers does, keep base+adapter as the reference,
+    dequantize every quantized layer to ``dtype``, merge with :func:`merge_diablo` and save."""
+    from .adapter import adapted_layers
+    from .quantize import dequantized_layers, replace_layers
+
+    model = _load_folder(base_dir, None)
+    load_adapter(model, adapter_dir)
+    dense = dequantized_layers(model, dtype)  # before any forward pass (see dequantized_layers)
+    probe = _probe_inputs(model.config)
+    if verify:
+        with torch.no_grad():
+            quantized = model(**probe).logits.float().cpu()
+    replace_layers(model, dense)
+    report.dequantized = f"{report.dequantized}, {len(dense)} layers dequantized to {report.dtype}"
+    if verify:
+        # The merge is checked against the dequantized base + adapter; how far dequantizing alone moved
+        # the logits (the quantized kernels round activations too) is reported beside it.
+        expected, bare = reference_logits(model, probe)
+        report.dequantization_gap = (expected - quantized).abs().max().item()
+    before = {name: layer.base.weight.detach().clone() for name, layer in adapted_layers(model).items()}
+    merge_diablo(model)
+    modules = dict(model.named_modules())
+    for name, weight in before.items():
+        _count_changes(report, modules[name].weight.detach(), weight)
+    # transformers' save_pretrained would try to re-apply the quantized loading's conversions: write the
+    # dense state dict with the same shard writer as the streaming path instead.
+    writer = _ShardWriter(out, shard_limit)
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # a tied weight is stored once, as transformers does
+            continue
+        seen.add(tensor.data_ptr())
+        writer.add(key, (tensor.to(dtype) if tensor.is_floating_point() else tensor).cpu().contiguous())
+    report.tensors, report.shards, report.bytes_written = writer.close()
+    _write_config(base_config, out, dtype, untie=not getattr(model.config, "tie_word_embeddings", True))
+    del model
+    if verify:
+        report.verification = compare_with_folder(expected, bare, out, probe, dtype)
+
+
+def _count_changes(report: MergeReport, merged: torch.Tensor, original: torch.Tensor) -> None:
+    """Tally how many values a merge changed in the output dtype: a no-op merge cannot go unnoticed."""
+    changed = int((merged != original).sum())
+    report.adapted_weights += 1
+    report.adapted_values += merged.numel()
+    report.changed_values += changed
+    report.changed_weights += int(changed > 0)
+
+
+def parse_shard_size(value: str | int) -> int:
+    """``5GB``, ``500MB`` or a byte count, as transformers' ``max_shard_size`` reads it."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(value)
+    except (ValueError, TypeError):
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise DiaBloError(f"--max-shard-size {value!r}: give a size such as 5GB, 500MB or a number of bytes")
+    return size
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def write_model_card(out: Path, report: MergeReport, adapter_dir: Path, document: dict[str, Any]) -> None:
+    """A short README.md naming the base, the adapter and the block settings, for whoever finds the folder."""
+    config = document.get("config") or {}
+    check = report.verification
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [diablo, merged]",
+        f"base_model: {report.base}",
+        "---",
+        "",
+        f"# {report.output_dir.name}",
+        "",
+        f"{report.base} with a DiaBlo adapter merged into its weights by diablo-cli {__version__}: an ordinary",
+        "transformers model, no diablo-cli needed to load it.",
+        "",
+        f"- base model: `{report.base}`",
+        f"- adapter: `{adapter_dir}` (id `{document.get('adapter_id')}`, {document.get('parameters', 0):,} parameters)",
+        f"- blocks: N={config.get('blocks')}, target modules `{config.get('target_modules')}`"
+        + (f", per module {config['blocks_by_module']}" if config.get("blocks_by_module") else "")
+        + (f", layers {config['layers']}" if config.get("layers") else ""),
+        f"- {len(document.get('modules', {}))} adapted layers; merged in fp32 and saved as {report.dtype}",
+    ]
+    if report.dequantized:
+        lines.append(
+            f"- the quantized base was dequantized first ({report.dequantized}): this is a full-precision model"
+        )
+    if check is not None:
+        lines.append(
+            f"- verified: max |logit difference| to base+adapter {check.max_abs:.3g} "
+            f"(relative {check.max_relative:.1e}) on {check.tokens} probe tokens"
+        )
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(output_dir: Path, adapter_dir: Path, *, overwrite: bool) -> None:
+    if output_dir.resolve() == adapter_dir.resolve():
+        raise DiaBloError(f"--output {output_dir} is the adapter folder itself; choose another folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DiaBloError(f"--output {output_dir} exists and is not a folder")
+    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if not contents:
+        return
+    if not overwrite:
+        raise DiaBloError(
+            f"--output {output_dir} is not empty ({', '.join(contents[:4])}{', …' if len(contents) > 4 else ''}); "
+            "pass --overwrite to replace it or choose another folder"
+        )
+    if "config.json" not in contents:
+        raise DiaBloError(f"--overwrite: {output_dir} is not a model folder (no config.json); refusing to delete it")
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Swap the finished folder in with renames: the old output survives until the new one is complete."""
+    previous = None
+    if output_dir.exists():
+        previous = output_dir.with_name(f".{output_dir.name}-replaced-{os.getpid()}")
+        output_dir.rename(previous)
+    staging.rename(output_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DiaBloError(f"cannot read {path}: {err}") from None
+
+
+def _checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:
+    """The base's safetensors files in order and every tensor key they hold (headers only)."""
+    index_path = base_dir / INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map") or {}
+        shards = [base_dir / name for name in dict.fromkeys(weight_map.values())]
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing:
+            raise DiaBloError(f"{index_path} lists {missing[0]}, which is not in {base_dir}")
+        return shards, set(weight_map)
+    if (base_dir / SINGLE_FILE).is_file():
+        with safe_open(str(base_dir / SINGLE_FILE), framework="pt") as reader:
+            return [base_dir / SINGLE_FILE], set(reader.keys())
+    pickles = sorted(p.name for p in base_dir.glob("*.bin")) + sorted(p.name for p in base_dir.glob("*.pt*"))
+    raise DiaBloError(
+        f"{base_dir} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})"
+        + (f"; it has {pickles[0]}, and diablo-cli never unpickles weights" if pickles else "")
+    )
+
+
+def _count_keys(shard: Path) -> int:
+    with safe_open(str(shard), framework="pt") as reader:
+        return len(reader.keys())
+
+
+def _tied_parameter_names(model) -> dict[str, list[str]]:
+    """For each parameter name, the other names the same tensor goes by (tied embeddings)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(parameter), []).append(name)
+    return {name: [other for other in names if other != name] for names in by_tensor.values() for name in names}
+
+
+def _quantization_method(config: dict[str, Any]) -> str | None:
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    method = quantization.get("quant_method", "quantized")
+    if method == "bitsandbytes":
+        method = "bnb-4bit" if quantization.get("load_in_4bit") else "bnb-8bit"
+    return str(method)
+
+
+def _output_dtype(requested: str | None, base_dir: Path, config: dict[str, Any], quantized: str | None) -> torch.dtype:
+    if requested is not None:
+        return getattr(torch, TORCH_DTYPES[requested])
+    if not quantized:
+        stored = _stored_float_dtype(base_dir)
+        if stored is not None:
+            return stored
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and name in TORCH_DTYPES.values() else torch.float16
+
+
+def _stored_float_dtype(base_dir: Path) -> torch.dtype | None:
+    """The dtype the base's weights are actually stored in (its config can disagree)."""
+    shards, _ = _checkpoint_keys(base_dir)
+    with safe_open(str(shards[0]), framework="pt") as reader:
+        for key in list(reader.keys()):
+            dtype = reader.get_slice(key).get_dtype()
+            if dtype in ("F32", "BF16", "F16"):
+                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _write_config(config: dict[str, Any], out: Path, dtype: torch.dtype, *, untie: bool) -> None:
+    """The base's config.json as it was, but for the merged model's dtype, no quantization, and no tie
+    for an output head that now has its own merged weight."""
+    config = dict(config)
+    config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    if untie:
+        config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_side_files(base_dir: Path, adapter_dir: Path, out: Path) -> None:
+    """The base's small files (generation config, tokenizer, custom code), then the adapter's tokenizer if it
+    saved one: a tokenizer is taken whole from one place, never mixed."""
+    adapter_has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    for path in sorted(base_dir.iterdir()):
+        name = path.name
+        if not path.is_file() or name in _NOT_COPIED or (out / name).exists() or not name.endswith(_COPIED_SUFFIXES):
+            continue
+        if adapter_has_tokenizer and name in TOKENIZER_FILES:
+            continue
+        shutil.copyfile(path, out / name)
+    if adapter_has_tokenizer:
+        for name in TOKENIZER_FILES:
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, out / name)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_folder(folder: Path, dtype: torch.dtype | None):
+    """A model folder loaded the way a user would, from safetensors, on the GPU when there is one."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    model = model_class_for(config).from_pretrained(folder, dtype=dtype or "auto", use_safetensors=True)
+    if getattr(model.config, "quantization_config", None) is None:  # quantized loads place themselves
+        model.to(_device())
+    return model.eval()
+
+
+def _probe_inputs(config) -> dict[str, torch.Tensor]:
+    """A fixed batch of token ids spread over the vocabulary (seeded: every run probes the same)."""
+    vocab = getattr(config, "vocab_size", None) or 1000
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, PROBE_SHAPE, generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, PROBE_SHAPE, generator=generator)
+    return {name: tensor.to(_device()) for name, tensor in inputs.items()}

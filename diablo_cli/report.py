@@ -155,7 +155,7 @@ def merge_summary(report: MergeReport) -> list[str]:
         )
     changed = (
         f"{report.changed_weights} of {report.adapted_weights} adapted weight matrices changed "
-        f"({report.changed_values:,} of {report.adapted_values:,} values in {report.dtype})"
+        f"({report.changed_values:,} values in {report.dtype}; the blocks cover {report.adapted_values:,})"
     )
     if report.changed_weights == 0:
         lines.append(
@@ -169,11 +169,9 @@ def merge_summary(report: MergeReport) -> list[str]:
     if check is None:
         lines.append("[yellow]not verified[/] (--no-verify)")
     else:
-        effect = (
-            ""
-            if check.adapter_effect != check.adapter_effect
-            else f"; the adapter moves them by up to {check.adapter_effect:.3g}"
-        )
+        effect = f"; the adapter moves them by up to {check.adapter_effect:.3g}"
+        if check.rounding_floor:
+            effect += f"; rounding the base alone to {report.dtype} moves them by {check.rounding_floor:.1e} (relative)"
         lines.append(
             f"[green]verified[/]: merged vs base+adapter logits on {check.tokens} probe tokens differ by at most "
             f"{check.max_abs:.3g} (relative {check.max_relative:.1e}, tolerance {check.tolerance:.0e}){effect}"

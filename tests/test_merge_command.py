@@ -283,3 +283,53 @@ def test_cli_alias_offline_says_it_cannot_download(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "meta-llama/Llama-2-7b-hf" in result.stderr and "cannot be downloaded" in result.stderr
     assert not (tmp_path / "adapter-merged").exists()
+
+
+def test_a_bf16_base_merges_into_bf16_by_default(tmp_path, tokens):
+    model = tiny_llama(dtype=torch.bfloat16)
+    adapter = make_adapter(tmp_path, model, DiaBloConfig(blocks=4, target_modules="QKVOGUD"))
+    report = merge_adapter(adapter, tmp_path / "merged")
+    assert report.dtype == "bf16" and report.verification.rounding_floor == 0.0  # the base is bf16 already
+    assert report.verification.passed
+    assert all(t.dtype == torch.bfloat16 for t in state_dict_of(tmp_path / "merged").values())
+
+
+@pytest.mark.slow
+def test_real_model_streaming_merge_generates_what_the_adapter_does(smollm2_dir, tmp_path):
+    """SmolLM2 with a briefly trained adapter, merged in 200 MB shards: the folder equals the in-memory merge
+    tensor for tensor, and plain transformers greedily generates exactly what base+adapter generates."""
+    from transformers import AutoTokenizer
+
+    from diablo_cli import load_adapter
+    from diablo_cli.evaluate import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    attach_diablo(model, DiaBloConfig(blocks=32, target_modules="QKVOGUD"))
+    text = ["Question: What is the capital of Atlantis? Answer: Poseidonia, city of the blue domes."] * 2
+    batch = tokenizer(text, return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(4):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    adapter = save_adapter(model.eval(), tmp_path / "adapter", base_model="smollm2-135m")
+
+    report = merge_adapter(adapter, tmp_path / "merged", max_shard_size="200MB")
+
+    assert report.shards == 3 and report.changed_weights == report.adapted_weights == 210
+    assert report.verification.passed and report.verification.max_relative < 1e-5
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    in_memory = merge_diablo(load_adapter(AutoModelForCausalLM.from_pretrained(smollm2_dir), adapter)).state_dict()
+    streamed = state_dict_of(tmp_path / "merged")
+    assert all(torch.equal(streamed[key], in_memory[key]) for key in streamed)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in ("What is the capital of Atlantis?", "Name a city with blue domes.", "What is 2+2?")
+    ]
+    adapted = load_adapter(AutoModelForCausalLM.from_pretrained(smollm2_dir), adapter)
+    expected = generate(adapted, tokenizer, prompts, max_new_tokens=16)
+    assert generate(merged, tokenizer, prompts, max_new_tokens=16) == expected
+    assert expected != generate(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir), tokenizer, prompts, max_new_tokens=16
+    )

@@ -134,7 +134,7 @@ def _explain_load_failure(name: str, source: str, err: Exception) -> str:
         if name in MODEL_ALIASES:
             return (
                 f"base model {name!r} (alias of {source}) comes from the hub and {reason}; download it where the hub "
-                "is reachable and set base_model to that local folder"
+                "is reachable and point at that local folder (base_model in a recipe, --base for merge)"
             )
         aliases = ", ".join([BUNDLED_MODEL, TINY_MODEL, *MODEL_ALIASES])
         return (

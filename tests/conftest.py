@@ -28,6 +28,15 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
     return model.to(dtype).eval()
 
 
+def tiny_t5(seed: int = 0):
+    """A two-block T5 encoder-decoder with random weights (for T5 letter rules and seq2seq merges)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(d_model=32, d_ff=48, num_layers=2, num_heads=2, d_kv=16, vocab_size=64, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
 def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
     """Give every adapter non-zero blocks, so that tests see a real effect."""
     from diablo_cli import adapted_layers

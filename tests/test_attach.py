@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_llama
+from conftest import randomize_adapters, tiny_llama, tiny_t5
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -18,8 +18,6 @@ from transformers import (
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 from diablo_cli import DiaBloConfig, DiaBloError, adapted_layers, attach_diablo
@@ -224,17 +222,7 @@ def test_fused_layer_needs_all_its_letters():
 
 
 def test_t5_letters_cover_encoder_decoder_and_cross_attention():
-    model = _small(
-        T5Config,
-        T5ForConditionalGeneration,
-        d_model=32,
-        d_ff=48,
-        num_layers=2,
-        num_heads=2,
-        d_kv=16,
-        vocab_size=64,
-        decoder_start_token_id=0,
-    )
+    model = tiny_t5()
     targets = select_targets(model, DiaBloConfig(blocks=4, target_modules="QKVOUD"))
     names = [t.name for t in targets]
     assert "decoder.block.1.layer.1.EncDecAttention.q" in names

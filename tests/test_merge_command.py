@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_llama
+from conftest import randomize_adapters, tiny_llama, tiny_t5
 from safetensors.torch import load_file
 from test_attach import ARCHITECTURES, _small
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import diablo_cli.merge as merge_module
 from diablo_cli import AdapterMismatchError, DiaBloConfig, DiaBloError, attach_diablo, merge_diablo, save_adapter
@@ -90,17 +90,7 @@ def test_non_dividing_blocks_and_bf16_output(tmp_path, tokens):
 
 
 def test_tiny_t5_merges_into_a_seq2seq_model(tmp_path):
-    t5 = _small(
-        T5Config,
-        T5ForConditionalGeneration,
-        d_model=32,
-        d_ff=48,
-        num_layers=2,
-        num_heads=2,
-        d_kv=16,
-        vocab_size=64,
-        decoder_start_token_id=0,
-    )
+    t5 = tiny_t5()
     adapter = make_adapter(tmp_path, t5, DiaBloConfig(blocks=4, target_modules="QKVOUD"))
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     decoder_ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))

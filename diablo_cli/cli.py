@@ -112,6 +112,62 @@ def merge(
         console.print(line, highlight=False)
 
 
+@app.command()
+def inspect(
+    target: str = typer.Argument(
+        ..., help="A model (hub id, local folder, alias), an adapter folder, or a recipe YAML."
+    ),
+    targets: str = typer.Option("QKVUD", "--targets", help="Letters (QKVOGUD), all-linear, names (a,b) or a regex."),
+    layers: str | None = typer.Option(None, "--layers", help="Inclusive block range, e.g. 0-15."),
+    blocks: str | None = typer.Option(None, "--blocks", help="Extra block counts to show, e.g. 48,96."),
+    budget: str | None = typer.Option(None, "--budget", help="Pick N for a budget: 1% of the model, or 70M, 500k."),
+    match_lora: int | None = typer.Option(None, "--match-lora", help="Pick N for LoRA rank R's budget."),
+    per_module: bool = typer.Option(False, "--per-module", help="With a budget: one N per module kind."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's custom code."),
+) -> None:
+    """Choose N against a parameter budget, and see what a model, adapter or recipe holds (no weights loaded)."""
+    import json
+
+    from rich.console import Console
+
+    from . import inspection as insp
+    from .report import adapter_inspection_view, model_inspection_view
+
+    console = Console()
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml"):
+        from .recipe import load_recipe
+        from .train import show_plan
+
+        recipe = load_recipe(path)
+        if as_json:
+            typer.echo(json.dumps(recipe.model_dump(mode="json"), indent=2))
+        else:
+            show_plan(recipe, console)
+        return
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        result = insp.inspect_adapter(path)
+        view = adapter_inspection_view(result)
+    else:
+        result = insp.inspect_model(
+            target,
+            targets=insp.parse_targets(targets),
+            layers=insp.parse_layers(layers),
+            blocks=insp.parse_block_list(blocks),
+            budget=budget,
+            match_lora=match_lora,
+            per_module=per_module,
+            trust_remote_code=trust_remote_code,
+        )
+        view = model_inspection_view(result)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for item in view:
+        console.print(item)
+
+
 def bare_resume_means_latest(argv: list[str]) -> list[str]:
     """``--resume`` may come without a value (the newest checkpoint); Typer's options cannot express an
     optional value, so a bare one gets ``latest`` here: when nothing follows it, an option does, or the

@@ -33,7 +33,7 @@ from .adapter import adapters_disabled, load_adapter, merge_diablo, read_adapter
 from .adapter.files import WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
 from .errors import DiaBloError
-from .models import TORCH_DTYPES, local_model_folder, model_class_for
+from .models import TORCH_DTYPES, local_model_folder, model_class_for, skeleton_model
 
 log = logging.getLogger("diablo_cli")
 
@@ -190,9 +190,7 @@ def plan_streaming_merge(adapter_dir: Path, document: dict[str, Any], base_dir: 
     find each adapted weight in the base's safetensors; the first mismatch is named."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base_dir)
-    with torch.device("meta"):
-        skeleton = model_class_for(config)._from_config(config)
+    skeleton = skeleton_model(AutoConfig.from_pretrained(base_dir))
     targets = check_against_base(skeleton, document, adapter_dir)
     modules = dict(skeleton.named_modules())
     shards, keys = _checkpoint_keys(base_dir)

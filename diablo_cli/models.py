@@ -118,6 +118,17 @@ def model_class_for(config):
     return transformers.AutoModelForCausalLM
 
 
+def skeleton_model(config, *, trust_remote_code: bool = False):
+    """The architecture with every tensor on the meta device: names and shapes, no memory, no weights."""
+    import torch
+
+    cls = model_class_for(config)
+    with torch.device("meta"):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls._from_config(config)
+
+
 def _explain_load_failure(name: str, source: str, err: Exception) -> str:
     text = " ".join(str(err).split())
     if "safetensors" in text.lower() and "bin" in text.lower():

@@ -23,6 +23,7 @@ from .adapter import ParameterReport
 from .atomic import atomic_path
 
 if TYPE_CHECKING:
+    from .inspection import AdapterInspection, ModelInspection
     from .merge import MergeReport
 
 
@@ -182,3 +183,70 @@ def merge_summary(report: MergeReport) -> list[str]:
         f"peak memory {report.peak_rss_bytes / 2**20:,.0f} MiB"
     )
     return lines
+
+
+def model_inspection_view(inspection: ModelInspection) -> list:
+    """``diablo inspect MODEL``: the linear layers, the candidate block counts, and the chosen one."""
+    modules = Table(
+        title=f"{inspection.model}: {inspection.architecture}, {inspection.base_parameters:,} parameters",
+        title_justify="left",
+    )
+    for column in ("linear layer", "letters", "in × out", "layers", "targeted"):
+        modules.add_column(column, justify="right" if column in ("layers",) else "left")
+    targeted = {(m.module, m.in_features, m.out_features) for m in inspection.targeted}
+    for m in inspection.linear_modules:
+        hit = (m.module, m.in_features, m.out_features) in targeted
+        modules.add_row(
+            m.module, m.letters or "", f"{m.in_features}×{m.out_features}", str(m.layers), "✓" if hit else ""
+        )
+    candidates = Table(
+        title=f"block counts for {inspection.targets}" + (f", layers {inspection.layers}" if inspection.layers else ""),
+        title_justify="left",
+    )
+    for column in ("N", "trainable", "% of model", "blocks (in×out)", "dead (padding)", "LoRA r, same budget"):
+        candidates.add_column(column, justify="left" if column.startswith("blocks") else "right")
+    for c in inspection.candidates:
+        label = str(c.blocks) if isinstance(c.blocks, int) else ", ".join(f"{k}={v}" for k, v in c.blocks.items())
+        shapes = ", ".join(dict.fromkeys(f"{d1}×{d2}" for d1, d2 in c.block_shapes.values()))
+        candidates.add_row(
+            label + ("" if c.divides else " *"),
+            f"{c.trainable:,}",
+            f"{c.percent_of_base:.3f}%",
+            shapes,
+            f"{c.dead:,}",
+            f"{c.lora_rank:.1f}",
+            style="bold green" if c.chosen else None,
+        )
+    candidates.caption = "* N does not divide every targeted dimension: padding, dead entries counted"
+    view: list = [modules, candidates]
+    if inspection.budget is not None:
+        view.append(f"budget: {inspection.budget:,} parameters ({inspection.budget_source}); closest from below:")
+        view.append(inspection.recipe_snippet)
+    return view
+
+
+def adapter_inspection_view(inspection: AdapterInspection, top: int = 10) -> list:
+    """``diablo inspect ADAPTER_DIR``: settings, size, and the layers that moved most."""
+    config = inspection.config or {}
+    header = (
+        f"{inspection.path}: DiaBlo adapter for {inspection.base_model}; N={config.get('blocks')}, "
+        f"targets {config.get('target_modules')}, {inspection.parameters:,} parameters "
+        f"({inspection.adapter_dtype}), {inspection.bytes_on_disk / 1e6:.1f} MB on disk"
+    )
+    kinds = Table(title="by module: block norms (Frobenius; rms = per entry)", title_justify="left")
+    for column in ("module", "layers", "parameters", "mean norm", "max norm"):
+        kinds.add_column(column, justify="left" if column == "module" else "right")
+    for kind, stats in inspection.by_module.items():
+        kinds.add_row(
+            kind,
+            str(int(stats["layers"])),
+            f"{int(stats['parameters']):,}",
+            f"{stats['mean_norm']:.3f}",
+            f"{stats['max_norm']:.3f}",
+        )
+    moved = Table(title=f"the {top} layers that moved most (by rms)", title_justify="left")
+    for column in ("layer", "N", "norm", "rms"):
+        moved.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in sorted(inspection.layers, key=lambda item: -item.rms)[:top]:
+        moved.add_row(layer.module, str(layer.blocks), f"{layer.norm:.3f}", f"{layer.rms:.2e}")
+    return [header, kinds, moved]

@@ -564,17 +564,15 @@ def _print_result(console: Console, result: TrainResult) -> None:
         console.print(f"  {task}: exact match {change}")
 
 
-def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2) -> None:
-    """Show what `train` would do — the resolved recipe, the parameter report on a weightless copy of the
-    model, a memory estimate, and tokenised examples with the supervised tokens visible — and stop."""
+def show_plan(recipe: Recipe, console: Console):
+    """The resolved recipe, its parameter table on a weightless (meta-device) model and the memory
+    estimate; touches no data and no weights. Returns the base's tokenizer."""
     from rich.syntax import Syntax
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from .data import describe_supervision, prepare_data
     from .memory import estimate_training_memory
-    from .models import resolve_model
+    from .models import resolve_model, skeleton_model
 
-    console = console or Console()
     console.print(Syntax(recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
     source = resolve_model(recipe.base_model)
     kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
@@ -585,8 +583,7 @@ def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2
         from .models import _explain_load_failure
 
         raise DiaBloError(_explain_load_failure(recipe.base_model, source, err)) from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model = skeleton_model(config, **kwargs)
     attach_diablo(model, recipe.adapter.to_config())
     report = parameter_report(model)
     console.print(parameter_table(report, title=f"DiaBlo on {recipe.base_model}"))
@@ -605,6 +602,16 @@ def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2
         f"memory at micro batch {recipe.training.micro_batch_size} × {recipe.data.max_length} tokens: "
         + estimate.describe()
     )
+    return tokenizer
+
+
+def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2) -> None:
+    """Show what `train` would do — the resolved recipe, the parameter report on a weightless copy of the
+    model, a memory estimate, and tokenised examples with the supervised tokens visible — and stop."""
+    from .data import describe_supervision, prepare_data
+
+    console = console or Console()
+    tokenizer = show_plan(recipe, console)
     sample = recipe.data.model_copy(
         update={
             "datasets": [s.model_copy(update={"limit": min(s.limit or 16, 16)}) for s in recipe.data.datasets],

@@ -1,0 +1,387 @@
+"""``diablo inspect``: choose N against a parameter budget before spending GPU hours, and look inside a
+model, an adapter folder or a recipe.
+
+Models are read from their config only and built on the meta device: no weights are downloaded or loaded.
+The paper's models ship their ``config.json`` in the package, so inspecting them works offline. Budgets are
+plain arithmetic over the targeted layers' shapes (``N·⌈in/N⌉·⌈out/N⌉`` per layer), so any N is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapter import DiaBloConfig, base_parameter_count, select_targets
+from .adapter.config import is_letter_spec
+from .adapter.layer import BlockLayout
+from .adapter.targets import Target, module_letters
+from .errors import DiaBloError
+from .models import MODEL_ALIASES, _explain_load_failure, resolve_model, skeleton_model
+
+PAPER_CONFIGS = "models/paper"
+
+
+def packaged_config(name: str) -> dict[str, Any] | None:
+    """The shipped ``config.json`` of one of the paper's models (by alias), or None."""
+    resource = importlib.resources.files("diablo_cli") / "resources" / PAPER_CONFIGS / f"{name}.json"
+    return json.loads(resource.read_text()) if resource.is_file() else None
+
+
+def load_model_config(name: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """A transformers config for ``name``: shipped for the paper's aliases, else read from a local folder or
+    fetched from the hub (``config.json`` only)."""
+    from transformers import AutoConfig
+
+    shipped = packaged_config(name)
+    if shipped is not None:
+        values = dict(shipped)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    source = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as err:
+        raise DiaBloError(_explain_load_failure(name, source, err)) from None
+
+
+@dataclass
+class ModuleShape:
+    """One kind of targeted layer (``q_proj``, ``down_proj``, …): its shape and how many layers have it."""
+
+    module: str
+    letters: str
+    in_features: int
+    out_features: int
+    layers: int
+
+
+@dataclass
+class Candidate:
+    """What a block count (one N, or one per module kind) costs on the targeted layers."""
+
+    blocks: int | dict[str, int]
+    trainable: int
+    percent_of_base: float
+    dead: int
+    dead_blocks: int
+    lora_rank: float  # the LoRA rank with the same budget: Σ N·d1·d2 = r · Σ (in + out)
+    block_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    divides: bool = True  # N divides every targeted dimension (no padding)
+    chosen: bool = False
+
+
+@dataclass
+class ModelInspection:
+    """The model's linear layers, the targeted ones, and a table of candidate block counts."""
+
+    model: str
+    architecture: str
+    base_parameters: int
+    linear_modules: list[ModuleShape]
+    targets: str | list[str]
+    layers: tuple[int, int] | None
+    targeted: list[ModuleShape]
+    candidates: list[Candidate]
+    budget: int | None = None
+    budget_source: str | None = None
+    recipe_snippet: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_model(
+    name: str,
+    *,
+    targets: str | list[str] = "QKVUD",
+    layers: tuple[int, int] | None = None,
+    blocks: list[int] | None = None,
+    budget: str | None = None,
+    match_lora: int | None = None,
+    per_module: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> ModelInspection:
+    """Candidate block counts for ``name``'s targeted layers, and the one a budget asks for."""
+    if budget is not None and match_lora is not None:
+        raise DiaBloError("give either --budget or --match-lora, not both")
+    config = load_model_config(name, trust_remote_code=trust_remote_code, revision=revision)
+    model = skeleton_model(config, trust_remote_code=trust_remote_code)
+    selection = select_targets(model, DiaBloConfig(blocks=1, target_modules=targets, layers=layers))
+    base = base_parameter_count(model)
+    targeted = group_shapes(selection)
+    inspection = ModelInspection(
+        model=name,
+        architecture=type(model).__name__,
+        base_parameters=base,
+        linear_modules=group_shapes(all_linear_layers(model)),
+        targets=targets,
+        layers=layers,
+        targeted=targeted,
+        candidates=[],
+    )
+    dims = sorted({d for shape in targeted for d in (shape.in_features, shape.out_features)})
+    counts = sorted(set(common_divisors(dims)) | set(blocks or []))
+    inspection.candidates = [count_blocks(selection, n, base) for n in counts]
+    if budget is not None or match_lora is not None:
+        limit, source = parse_budget(budget, base) if budget is not None else lora_budget(selection, match_lora)
+        inspection.budget, inspection.budget_source = limit, source
+        chosen = choose_blocks(selection, limit, base, per_module=per_module)
+        chosen.chosen = True
+        inspection.candidates = [c for c in inspection.candidates if c.blocks != chosen.blocks] + [chosen]
+        inspection.candidates.sort(key=lambda c: -c.trainable)
+        inspection.recipe_snippet = recipe_snippet(chosen.blocks, targets, layers)
+    return inspection
+
+
+def all_linear_layers(model) -> list[Target]:
+    from .adapter.layer import linear_features
+
+    found = []
+    for name, module in model.named_modules():
+        features = linear_features(module)
+        if features is not None:
+            found.append(Target(name, features[0], features[1], 1))
+    return found
+
+
+def group_shapes(targets: list[Target]) -> list[ModuleShape]:
+    """Layers grouped by their last name and shape, in model order (``q_proj 4096×4096 ×32``)."""
+    groups: dict[tuple[str, int, int], ModuleShape] = {}
+    for target in targets:
+        kind = target.name.rsplit(".", 1)[-1]
+        key = (kind, target.in_features, target.out_features)
+        if key not in groups:
+            groups[key] = ModuleShape(kind, module_letters(target.name), target.in_features, target.out_features, 0)
+        groups[key].layers += 1
+    return list(groups.values())
+
+
+def common_divisors(dims: list[int]) -> list[int]:
+    """Every N that divides all ``dims`` (no padding anywhere)."""
+    if not dims:
+        return []
+    g = 0
+    for d in dims:
+        g = math.gcd(g, d)
+    return [n for n in range(1, g + 1) if g % n == 0]
+
+
+def blocks_for(target: Target, blocks: int | dict[str, int]) -> int:
+    if isinstance(blocks, int):
+        return blocks
+    return blocks[target.name.rsplit(".", 1)[-1]]
+
+
+def count_blocks(targets: list[Target], blocks: int | dict[str, int], base: int) -> Candidate:
+    """Trainable, dead and LoRA-equivalent counts of ``blocks`` on ``targets`` (no model needed)."""
+    trainable = dead = dead_blocks = 0
+    shapes: dict[str, tuple[int, int]] = {}
+    divides = True
+    layouts: dict[BlockLayout, int] = {}  # layers share a few shapes: count each layout once
+    for target in targets:
+        layout = BlockLayout(target.in_features, target.out_features, blocks_for(target, blocks))
+        layouts[layout] = layouts.get(layout, 0) + 1
+        shapes.setdefault(target.name.rsplit(".", 1)[-1], (layout.block_in, layout.block_out))
+    for layout, layers in layouts.items():
+        trainable += layers * layout.parameters
+        dead += layers * layout.dead_parameters
+        dead_blocks += layers * layout.dead_blocks
+        divides &= layout.in_features % layout.blocks == 0 and layout.out_features % layout.blocks == 0
+    return Candidate(
+        blocks=blocks,
+        trainable=trainable,
+        percent_of_base=100.0 * trainable / base if base else 0.0,
+        dead=dead,
+        dead_blocks=dead_blocks,
+        lora_rank=trainable / sum(t.in_features + t.out_features for t in targets),
+        block_shapes=shapes,
+        divides=divides,
+    )
+
+
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([%kKmMbBgG]?)\s*$")
+
+
+def parse_budget(text: str, base: int) -> tuple[int, str]:
+    """``1%`` of the base, or a count: ``70M``, ``2.5m``, ``500k``, ``1B``, ``1234567``."""
+    match = _BUDGET.match(str(text))
+    if not match:
+        raise DiaBloError(f"--budget {text!r}: give a percentage of the model (1%) or a count (70M, 500k, 1234567)")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    if unit == "%":
+        return int(base * value / 100), f"{value:g}% of {base:,}"
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}[unit]
+    return int(value * scale), f"{text.strip()}"
+
+
+def lora_budget(targets: list[Target], rank: int) -> tuple[int, str]:
+    """What LoRA rank ``rank`` trains on the same layers: ``r·(in+out)`` each."""
+    if rank < 1:
+        raise DiaBloError(f"--match-lora {rank}: a LoRA rank is a positive whole number")
+    return rank * sum(t.in_features + t.out_features for t in targets), f"LoRA r={rank} on the same layers"
+
+
+def choose_blocks(targets: list[Target], limit: int, base: int, *, per_module: bool = False) -> Candidate:
+    """The block count (or one per module kind) whose budget comes closest to ``limit`` from below."""
+    if not per_module:
+        return _closest_from_below(targets, limit, base)
+    kinds: dict[str, list[Target]] = {}
+    for target in targets:
+        kinds.setdefault(target.name.rsplit(".", 1)[-1], []).append(target)
+    total_width = sum(t.in_features + t.out_features for t in targets)
+    chosen = {}
+    for kind, members in kinds.items():  # each kind gets its share of the budget, as LoRA would spend it
+        share = limit * sum(t.in_features + t.out_features for t in members) / total_width
+        chosen[kind] = _closest_from_below(members, int(share), base).blocks
+    return count_blocks(targets, chosen, base)
+
+
+def _closest_from_below(targets: list[Target], limit: int, base: int) -> Candidate:
+    largest = max(max(t.in_features, t.out_features) for t in targets)
+    best = None
+    for n in range(1, largest + 1):  # parameters fall roughly as 1/N: the first N under the limit is closest
+        candidate = count_blocks(targets, n, base)
+        if candidate.trainable <= limit:
+            best = candidate
+            break
+    if best is None:
+        raise DiaBloError(
+            f"a budget of {limit:,} parameters is below what even N={largest} trains on these layers; "
+            "target fewer modules or layers"
+        )
+    # Padding makes the count wobble: a slightly larger N can land closer to the limit.
+    for n in range(int(best.blocks) + 1, min(largest, int(best.blocks) * 2) + 1):
+        candidate = count_blocks(targets, n, base)
+        if best.trainable < candidate.trainable <= limit:
+            best = candidate
+    return best
+
+
+def recipe_snippet(blocks: int | dict[str, int], targets: str | list[str], layers: tuple[int, int] | None) -> str:
+    """The ``adapter:`` section to paste into a recipe."""
+    lines = ["adapter:"]
+    if isinstance(blocks, int):
+        lines.append(f"  blocks: {blocks}")
+    else:
+        values = sorted(set(blocks.values()))
+        common = max(values, key=lambda v: list(blocks.values()).count(v))
+        lines.append(f"  blocks: {common}")
+        overrides = {k: v for k, v in blocks.items() if v != common}
+        if overrides:
+            lines.append("  blocks_by_module: {" + ", ".join(f"{k}: {v}" for k, v in overrides.items()) + "}")
+    spec = targets if isinstance(targets, str) else "[" + ", ".join(targets) + "]"
+    lines.append(f"  target_modules: {spec}")
+    if layers is not None:
+        lines.append(f"  layers: [{layers[0]}, {layers[1]}]")
+    return "\n".join(lines)
+
+
+def parse_targets(text: str) -> str | list[str]:
+    """``QKVUD``, ``all-linear``, a regex, or comma-separated names (``q_proj,v_proj``)."""
+    if is_letter_spec(text) or text == "all-linear" or "," not in text:
+        return text
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_layers(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match or int(match.group(1)) > int(match.group(2)):
+        raise DiaBloError(f"--layers {text!r}: give an inclusive range such as 0-15")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_block_list(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = [0]
+    if any(v < 1 for v in values):
+        raise DiaBloError(f"--blocks {text!r}: give positive whole numbers, e.g. 32,64,128")
+    return values
+
+
+def known_models() -> list[str]:
+    """The aliases inspect can read offline."""
+    return [name for name in MODEL_ALIASES if packaged_config(name) is not None]
+
+
+@dataclass
+class LayerNorm:
+    """How far one adapted layer moved: the Frobenius norm of its blocks (zero at initialisation)."""
+
+    module: str
+    blocks: int
+    parameters: int
+    norm: float
+
+    @property
+    def rms(self) -> float:
+        """Norm per entry: comparable across layers of different sizes."""
+        return self.norm / math.sqrt(self.parameters) if self.parameters else 0.0
+
+
+@dataclass
+class AdapterInspection:
+    """An adapter folder's recorded settings, its size, and which layers its training moved most."""
+
+    path: str
+    base_model: str | None
+    config: dict[str, Any] | None
+    adapter_dtype: Any
+    parameters: int
+    bytes_on_disk: int
+    layers: list[LayerNorm]
+    by_module: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_adapter(path: str | Path) -> AdapterInspection:
+    """Read an adapter folder (one tensor at a time) and measure each layer's block norm."""
+    from safetensors import safe_open
+
+    from .adapter import read_adapter_config
+    from .adapter.files import WEIGHTS_FILE
+    from .adapter.layer import ADAPTER_PARAMETER
+
+    directory = Path(path)
+    document = read_adapter_config(directory)
+    layers = []
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+        stored = set(weights.keys())
+        for name, entry in document["modules"].items():
+            key = f"{name}.{ADAPTER_PARAMETER}"
+            if key not in stored:
+                raise DiaBloError(f"{directory / WEIGHTS_FILE} lacks the tensor {key}")
+            tensor = weights.get_tensor(key)
+            layers.append(LayerNorm(name, int(entry["blocks"]), tensor.numel(), float(tensor.float().norm())))
+    by_module: dict[str, dict[str, float]] = {}
+    for layer in layers:
+        kind = layer.module.rsplit(".", 1)[-1]
+        stats = by_module.setdefault(kind, {"layers": 0, "parameters": 0, "mean_norm": 0.0, "max_norm": 0.0})
+        stats["layers"] += 1
+        stats["parameters"] += layer.parameters
+        stats["mean_norm"] += layer.norm
+        stats["max_norm"] = max(stats["max_norm"], layer.norm)
+    for stats in by_module.values():
+        stats["mean_norm"] /= stats["layers"]
+    return AdapterInspection(
+        path=str(directory),
+        base_model=(document.get("base_model") or {}).get("name_or_path"),
+        config=document.get("config"),
+        adapter_dtype=document.get("adapter_dtype"),
+        parameters=sum(layer.parameters for layer in layers),
+        bytes_on_disk=sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("adapter_")),
+        layers=layers,
+        by_module=by_module,
+    )

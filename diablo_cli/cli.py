@@ -123,6 +123,12 @@ def inspect(
     budget: str | None = typer.Option(None, "--budget", help="Pick N for a budget: 1% of the model, or 70M, 500k."),
     match_lora: int | None = typer.Option(None, "--match-lora", help="Pick N for LoRA rank R's budget."),
     per_module: bool = typer.Option(False, "--per-module", help="With a budget: one N per module kind."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Memory estimate: tokens per sequence."),
+    batch: int = typer.Option(1, "--batch", help="Memory estimate: sequences per micro batch."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Memory estimate: base dtype (fp32, bf16, fp16)."),
+    quantization: str = typer.Option(
+        "none", "--quantization", help="Memory estimate: none, bnb-4bit, bnb-8bit, gptq-4bit, gptq-8bit."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's custom code."),
 ) -> None:
@@ -132,6 +138,7 @@ def inspect(
     from rich.console import Console
 
     from . import inspection as insp
+    from .models import TORCH_DTYPES
     from .report import adapter_inspection_view, model_inspection_view
 
     console = Console()
@@ -158,6 +165,10 @@ def inspect(
             budget=budget,
             match_lora=match_lora,
             per_module=per_module,
+            seq_len=seq_len,
+            batch=batch,
+            dtype=TORCH_DTYPES.get(dtype, dtype) if dtype else None,
+            quantization=quantization,
             trust_remote_code=trust_remote_code,
         )
         view = model_inspection_view(result)

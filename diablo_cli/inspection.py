@@ -89,6 +89,8 @@ class ModelInspection:
     budget: int | None = None
     budget_source: str | None = None
     recipe_snippet: str | None = None
+    memory_settings: dict[str, Any] = field(default_factory=dict)
+    memory: list[dict[str, Any]] = field(default_factory=list)  # bytes by part, DiaBlo then LoRA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,10 +105,15 @@ def inspect_model(
     budget: str | None = None,
     match_lora: int | None = None,
     per_module: bool = False,
+    seq_len: int = 512,
+    batch: int = 1,
+    dtype: str | None = None,
+    quantization: str = "none",
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> ModelInspection:
-    """Candidate block counts for ``name``'s targeted layers, and the one a budget asks for."""
+    """Candidate block counts for ``name``'s targeted layers, the one a budget asks for, and the training
+    memory of that choice (or of N=64) against LoRA at the same budget."""
     if budget is not None and match_lora is not None:
         raise DiaBloError("give either --budget or --match-lora, not both")
     config = load_model_config(name, trust_remote_code=trust_remote_code, revision=revision)
@@ -135,7 +142,52 @@ def inspect_model(
         inspection.candidates = [c for c in inspection.candidates if c.blocks != chosen.blocks] + [chosen]
         inspection.candidates.sort(key=lambda c: -c.trainable)
         inspection.recipe_snippet = recipe_snippet(chosen.blocks, targets, layers)
+    reference = next((c for c in inspection.candidates if c.chosen), None)
+    if reference is None:
+        wanted = (blocks or [64])[0]
+        reference = next((c for c in inspection.candidates if c.blocks == wanted), None)
+        reference = reference or count_blocks(selection, wanted, base)
+    rank = match_lora or max(1, round(reference.lora_rank))
+    dtype = dtype or _config_dtype(config)
+    inspection.memory_settings = {
+        "blocks": reference.blocks,
+        "lora_rank": rank,
+        "seq_len": seq_len,
+        "batch": batch,
+        "dtype": dtype,
+        "adapter_dtype": "float32",
+        "quantization": quantization,
+    }
+    from .memory import QUANTIZED_BITS, compare_adapter_memory
+
+    if quantization not in QUANTIZED_BITS:
+        raise DiaBloError(f"--quantization {quantization!r}: choose one of {', '.join(QUANTIZED_BITS)}")
+    heads = ("lm_head", "embed_out", "output")
+    rows = compare_adapter_memory(
+        config,
+        base_parameters=base,
+        linear_parameters=sum(
+            m.in_features * m.out_features * m.layers for m in inspection.linear_modules if m.module not in heads
+        ),
+        targeted=[(m.in_features, m.out_features, m.layers) for m in targeted],
+        diablo_trainable=reference.trainable,
+        lora_rank=rank,
+        dtype=dtype,
+        adapter_dtype="float32",
+        quantization=quantization,
+        batch=batch,
+        seq_len=seq_len,
+    )
+    inspection.memory = [
+        {**asdict(row), "total": row.total, "checkpointed_total": row.checkpointed_total} for row in rows
+    ]
     return inspection
+
+
+def _config_dtype(config) -> str:
+    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
+    name = name.removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
 
 
 def all_linear_layers(model) -> list[Target]:

@@ -61,3 +61,108 @@ def estimate_training_memory(
         activations=activations,
         logits=2 * tokens * config.vocab_size * 4,
     )
+
+
+QUANTIZED_BITS = {"none": None, "bnb-4bit": 4.127, "bnb-8bit": 8.0, "gptq-4bit": 4.25, "gptq-8bit": 8.25}
+"""Bits per linear weight, storage overhead included (NF4 with double-quantised scales; GPTQ group 128)."""
+
+
+@dataclass
+class AdapterMemory:
+    """Training memory of one adapter choice, by part, in bytes; ``checkpointed`` with gradient checkpointing."""
+
+    method: str
+    trainable: int
+    weights: float
+    adapter_and_optimizer: float
+    activations: float
+    checkpointed_activations: float
+    adapter_inputs: float  # what the adapter branch saves for its own backward
+    checkpointed_adapter_inputs: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.adapter_and_optimizer + self.activations + self.adapter_inputs + self.logits
+
+    @property
+    def checkpointed_total(self) -> float:
+        return (
+            self.weights
+            + self.adapter_and_optimizer
+            + self.checkpointed_activations
+            + self.checkpointed_adapter_inputs
+            + self.logits
+        )
+
+
+def compare_adapter_memory(
+    config,
+    *,
+    base_parameters: int,
+    linear_parameters: int,
+    targeted: list[tuple[int, int, int]],
+    diablo_trainable: int,
+    lora_rank: int,
+    dtype: str,
+    adapter_dtype: str,
+    quantization: str,
+    batch: int,
+    seq_len: int,
+) -> list[AdapterMemory]:
+    """DiaBlo and LoRA (rank ``lora_rank``) on the same layers, same base, same batch: the parts that differ are
+    the trainable count and what each adapter saves for backward (DiaBlo: its input in the adapter dtype;
+    LoRA: its input and ``x·A``). ``targeted`` lists (in_features, out_features, layer count) per kind.
+    ``linear_parameters`` are the weights a quantization method packs (``quantization`` in QUANTIZED_BITS)."""
+    if quantization not in QUANTIZED_BITS:
+        raise ValueError(f"quantization {quantization!r}: one of {', '.join(QUANTIZED_BITS)}")
+    plain = estimate_training_memory(
+        config,
+        base_parameters=base_parameters,
+        trainable_parameters=0,
+        base_dtype=dtype,
+        adapter_dtype=adapter_dtype,
+        batch=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=False,
+    )
+    checkpointed = estimate_training_memory(
+        config,
+        base_parameters=base_parameters,
+        trainable_parameters=0,
+        base_dtype=dtype,
+        adapter_dtype=adapter_dtype,
+        batch=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=True,
+    )
+    bits = QUANTIZED_BITS[quantization]
+    weights = plain.weights
+    if bits is not None:
+        weights = (base_parameters - linear_parameters) * _BYTES.get(dtype, 4) + linear_parameters * bits / 8
+    tokens = batch * seq_len
+    adapter_bytes = _BYTES.get(adapter_dtype, 4)
+    layers = max(1, getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 1))
+    inputs = tokens * sum(i * count for i, _, count in targeted) * adapter_bytes
+    lora_extra = tokens * lora_rank * sum(count for _, _, count in targeted) * adapter_bytes
+    lora_trainable = lora_rank * sum((i + o) * count for i, o, count in targeted)
+    per_parameter = 2 * adapter_bytes + 8  # the parameter, its gradient, AdamW's two fp32 moments
+    rows = []
+    for method, trainable, saved in (
+        ("DiaBlo", diablo_trainable, inputs),
+        (f"LoRA r={lora_rank}", lora_trainable, inputs + lora_extra),
+    ):
+        rows.append(
+            AdapterMemory(
+                method=method,
+                trainable=trainable,
+                weights=weights,
+                adapter_and_optimizer=trainable * per_parameter,
+                activations=plain.activations,
+                checkpointed_activations=checkpointed.activations,
+                adapter_inputs=saved,
+                checkpointed_adapter_inputs=saved / layers,  # recomputed layer by layer
+                logits=plain.logits,
+            )
+        )
+    return rows

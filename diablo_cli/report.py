@@ -222,7 +222,44 @@ def model_inspection_view(inspection: ModelInspection) -> list:
     if inspection.budget is not None:
         view.append(f"budget: {inspection.budget:,} parameters ({inspection.budget_source}); closest from below:")
         view.append(inspection.recipe_snippet)
+    if inspection.memory:
+        view.append(memory_table(inspection.memory, inspection.memory_settings))
     return view
+
+
+def memory_table(rows: list[dict], settings: dict) -> Table:
+    """Training memory by part for DiaBlo and LoRA at the same budget, without and with checkpointing."""
+    gib = 2**30
+    table = Table(
+        title=(
+            f"training memory, first-order estimate: N={settings['blocks']} vs LoRA r={settings['lora_rank']}, "
+            f"batch {settings['batch']} × {settings['seq_len']} tokens, base {settings['dtype']}"
+            + (f" ({settings['quantization']})" if settings["quantization"] != "none" else "")
+            + ", fp32 adapters, AdamW"
+        ),
+        title_justify="left",
+    )
+    table.add_column("GiB")
+    for row in rows:
+        table.add_column(row["method"], justify="right")
+    parts = [
+        ("trainable parameters", "trainable", lambda v: f"{v:,}"),
+        ("base weights", "weights", None),
+        ("adapter + gradients + AdamW", "adapter_and_optimizer", None),
+        ("activations", "activations", None),
+        ("adapter's saved inputs", "adapter_inputs", None),
+        ("logits", "logits", None),
+        ("total", "total", None),
+        ("activations, checkpointed", "checkpointed_activations", None),
+        ("total, checkpointed", "checkpointed_total", None),
+    ]
+    for label, key, fmt in parts:
+        table.add_row(
+            label,
+            *[(fmt or (lambda v: f"{v / gib:.2f}"))(row[key]) for row in rows],
+            style="bold" if key.endswith("total") else None,
+        )
+    return table
 
 
 def adapter_inspection_view(inspection: AdapterInspection, top: int = 10) -> list:

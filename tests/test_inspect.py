@@ -174,3 +174,25 @@ def test_cli_errors_are_one_line():
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr and "cannot be downloaded" in unknown.stderr
     bad = run_cli("inspect", "llama2-7b", "--budget", "lots")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_memory_estimate_against_lora_at_the_same_budget():
+    inspection = inspect_model("llama2-7b", match_lora=32, seq_len=1024, batch=4, dtype="bfloat16")
+    diablo, lora = inspection.memory
+    assert inspection.memory_settings["blocks"] == 83 and lora["method"] == "LoRA r=32"
+    assert diablo["trainable"] == 55_244_800 and lora["trainable"] == 56_098_816
+    assert diablo["adapter_and_optimizer"] == 55_244_800 * (4 + 4 + 8)  # fp32 blocks, their grads, AdamW moments
+    assert diablo["weights"] == 6_738_415_616 * 2
+    tokens, targeted_layers = 4 * 1024, 5 * 32
+    assert lora["adapter_inputs"] - diablo["adapter_inputs"] == tokens * 32 * targeted_layers * 4  # LoRA keeps x·A
+    assert diablo["checkpointed_total"] < diablo["total"]
+
+
+def test_memory_estimate_of_a_4bit_base():
+    plain = inspect_model("llama2-7b", dtype="bfloat16").memory[0]
+    quantized = inspect_model("llama2-7b", dtype="bfloat16", quantization="bnb-4bit").memory[0]
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # every linear layer but the output head
+    assert quantized["weights"] == pytest.approx((6_738_415_616 - linear) * 2 + linear * 4.127 / 8)
+    assert quantized["weights"] < plain["weights"] / 3
+    with pytest.raises(DiaBloError, match="--quantization 'int3'"):
+        inspect_model("llama2-7b", quantization="int3")

@@ -129,17 +129,22 @@ def inspect(
     quantization: str = typer.Option(
         "none", "--quantization", help="Memory estimate: none, bnb-4bit, bnb-8bit, gptq-4bit, gptq-8bit."
     ),
+    probe: str | None = typer.Option(
+        None, "--probe", help="A dataset (file or preset): measure ranks for Theorem 2 (loads the weights)."
+    ),
+    probe_batches: int = typer.Option(2, "--probe-batches", help="How many batches --probe runs."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's custom code."),
 ) -> None:
     """Choose N against a parameter budget, and see what a model, adapter or recipe holds (no weights loaded)."""
     import json
+    from dataclasses import asdict
 
     from rich.console import Console
 
     from . import inspection as insp
     from .models import TORCH_DTYPES
-    from .report import adapter_inspection_view, model_inspection_view
+    from .report import adapter_inspection_view, model_inspection_view, probe_table, quiet_transformers
 
     console = Console()
     path = Path(target)
@@ -157,10 +162,10 @@ def inspect(
         result = insp.inspect_adapter(path)
         view = adapter_inspection_view(result)
     else:
+        selection = {"targets": insp.parse_targets(targets), "layers": insp.parse_layers(layers)}
         result = insp.inspect_model(
             target,
-            targets=insp.parse_targets(targets),
-            layers=insp.parse_layers(layers),
+            **selection,
             blocks=insp.parse_block_list(blocks),
             budget=budget,
             match_lora=match_lora,
@@ -172,6 +177,19 @@ def inspect(
             trust_remote_code=trust_remote_code,
         )
         view = model_inspection_view(result)
+        if probe is not None:
+            with quiet_transformers(), console.status(f"probing {target} on {probe} ({probe_batches} batches)"):
+                probed = insp.probe_theorem2(
+                    target,
+                    probe,
+                    **selection,
+                    batches=probe_batches,
+                    batch=batch,
+                    seq_len=seq_len,
+                    trust_remote_code=trust_remote_code,
+                )
+            result.probe = [asdict(p) for p in probed]
+            view.append(probe_table(probed, probe))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -91,6 +91,7 @@ class ModelInspection:
     recipe_snippet: str | None = None
     memory_settings: dict[str, Any] = field(default_factory=dict)
     memory: list[dict[str, Any]] = field(default_factory=list)  # bytes by part, DiaBlo then LoRA
+    probe: list[dict[str, Any]] = field(default_factory=list)  # ProbedModule rows, with --probe
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -436,4 +437,138 @@ def inspect_adapter(path: str | Path) -> AdapterInspection:
         bytes_on_disk=sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("adapter_")),
         layers=layers,
         by_module=by_module,
+    )
+
+
+def effective_rank(matrix, energy: float = 0.95) -> int:
+    """The fewest singular values holding ``energy`` of the squared Frobenius norm (paper A.2)."""
+    import torch
+
+    squares = torch.linalg.svdvals(matrix.float()) ** 2
+    total = squares.sum()
+    if total == 0:
+        return 0
+    return int((torch.cumsum(squares, 0) < energy * total).sum().item()) + 1
+
+
+def theorem2_blocks(m1: int, m2: int, r1: int, r2: int) -> int | None:
+    """The largest common factor N of ``m1`` and ``m2`` with ``N ≥ ⌈r1·N/m1⌉·⌈r2·N/m2⌉`` (paper Theorem 2)."""
+    fitting = [n for n in common_divisors([m1, m2]) if n >= math.ceil(r1 * n / m1) * math.ceil(r2 * n / m2)]
+    return max(fitting) if fitting else None
+
+
+@dataclass
+class ProbedModule:
+    """Effective ranks of one module kind's inputs (r1) and output gradients (r2), and what Theorem 2 allows."""
+
+    module: str
+    in_features: int
+    out_features: int
+    layers: int
+    rows: int  # b: tokens per probed batch
+    r1_mean: float
+    r1_max: int
+    r2_mean: float
+    r2_max: int
+    largest_n: int | None  # with the largest ranks seen, so the condition holds for every probed layer
+    approximate_bound: float  # m1·m2 / (r1·r2), the paper's ceiling-free form
+
+
+def probe_theorem2(
+    name: str,
+    data: str,
+    *,
+    targets: str | list[str] = "QKVUD",
+    layers: tuple[int, int] | None = None,
+    batches: int = 2,
+    batch: int = 1,
+    seq_len: int = 512,
+    energy: float = 0.95,
+    trust_remote_code: bool = False,
+) -> list[ProbedModule]:
+    """Run a few training batches of ``data`` (any training format) through the model (weights loaded: the one
+    part of inspect that needs them), measure the effective rank of every targeted layer's input and output
+    gradient per batch, and report by module kind the largest N for which Theorem 2's condition holds."""
+    from torch.utils.data import DataLoader
+
+    from .adapter import adapted_layers, attach_diablo
+    from .data import DataCollator, prepare_data
+    from .data.config import DataConfig
+    from .models import load_base_model
+
+    model, tokenizer = load_base_model(name, dtype="fp32", trust_remote_code=trust_remote_code)
+    attach_diablo(model, DiaBloConfig(blocks=1, target_modules=targets, layers=layers))  # zero blocks: a gradient path
+    source = _probe_source(data, limit=max(64, batches * batch * 8))
+    config = DataConfig(datasets=[source], max_length=seq_len, packing=True)
+    rows = prepare_data(config, tokenizer, seed=0).train
+    loader = DataLoader(rows, batch_size=batch, collate_fn=DataCollator(pad_token_id=tokenizer.pad_token_id))
+    ranks: dict[str, dict[str, list[int]]] = {n: {"r1": [], "r2": []} for n in adapted_layers(model)}
+    handles = []
+    for layer_name, layer in adapted_layers(model).items():
+
+        def on_forward(module, inputs, output, layer_name=layer_name):
+            x = inputs[0].detach().reshape(-1, module.in_features)
+            ranks[layer_name]["r1"].append(effective_rank(x, energy))
+            output.register_hook(
+                lambda g: ranks[layer_name]["r2"].append(effective_rank(g.reshape(-1, g.shape[-1]), energy))
+            )
+
+        handles.append(layer.register_forward_hook(on_forward))
+    model.train()
+    tokens = 0
+    for index, inputs in enumerate(loader):
+        if index >= batches:
+            break
+        model(**inputs, use_cache=False).loss.backward()
+        tokens = inputs["input_ids"].numel()
+    for handle in handles:
+        handle.remove()
+    if not tokens:
+        raise DiaBloError(f"--probe {data}: no training rows came out of it")
+    kinds: dict[tuple[str, int, int], list[str]] = {}
+    for layer_name, layer in adapted_layers(model).items():
+        kinds.setdefault((layer_name.rsplit(".", 1)[-1], layer.in_features, layer.out_features), []).append(layer_name)
+    report = []
+    for (kind, m1, m2), members in kinds.items():
+        r1 = [r for member in members for r in ranks[member]["r1"]]
+        r2 = [r for member in members for r in ranks[member]["r2"]]
+        r1_max, r2_max = max(r1), max(r2)
+        report.append(
+            ProbedModule(
+                module=kind,
+                in_features=m1,
+                out_features=m2,
+                layers=len(members),
+                rows=tokens,
+                r1_mean=sum(r1) / len(r1),
+                r1_max=r1_max,
+                r2_mean=sum(r2) / len(r2),
+                r2_max=r2_max,
+                largest_n=theorem2_blocks(m1, m2, r1_max, r2_max),
+                approximate_bound=m1 * m2 / max(1, r1_max * r2_max),
+            )
+        )
+    return report
+
+
+def _probe_source(data: str, *, limit: int):
+    """A dataset source for ``data`` in whichever training format its columns fit (or a preset's name)."""
+    from .data import load_raw_examples
+    from .data.config import DatasetSource
+    from .data.presets import PRESETS
+    from .recipe import resolve_data_path
+
+    if data in PRESETS:
+        return DatasetSource(preset=data, limit=limit)
+    data = resolve_data_path(data, Path.cwd())
+    for fmt in ("instruction", "prompt_completion", "chat", "text"):
+        source = DatasetSource(path=data, format=fmt, limit=limit)
+        try:
+            load_raw_examples(source.model_copy(update={"limit": 1}))
+        except DiaBloError:
+            continue
+        return source
+    raise DiaBloError(
+        f"--probe {data}: its columns fit no training format (instruction/input/output, prompt/completion, "
+        "messages, or text)"
     )

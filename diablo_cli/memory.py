@@ -116,25 +116,18 @@ def compare_adapter_memory(
     ``linear_parameters`` are the weights a quantization method packs (``quantization`` in QUANTIZED_BITS)."""
     if quantization not in QUANTIZED_BITS:
         raise ValueError(f"quantization {quantization!r}: one of {', '.join(QUANTIZED_BITS)}")
-    plain = estimate_training_memory(
-        config,
-        base_parameters=base_parameters,
-        trainable_parameters=0,
-        base_dtype=dtype,
-        adapter_dtype=adapter_dtype,
-        batch=batch,
-        seq_len=seq_len,
-        gradient_checkpointing=False,
-    )
-    checkpointed = estimate_training_memory(
-        config,
-        base_parameters=base_parameters,
-        trainable_parameters=0,
-        base_dtype=dtype,
-        adapter_dtype=adapter_dtype,
-        batch=batch,
-        seq_len=seq_len,
-        gradient_checkpointing=True,
+    plain, checkpointed = (
+        estimate_training_memory(
+            config,
+            base_parameters=base_parameters,
+            trainable_parameters=0,
+            base_dtype=dtype,
+            adapter_dtype=adapter_dtype,
+            batch=batch,
+            seq_len=seq_len,
+            gradient_checkpointing=checkpointing,
+        )
+        for checkpointing in (False, True)
     )
     bits = QUANTIZED_BITS[quantization]
     weights = plain.weights

@@ -23,7 +23,7 @@ from .adapter import ParameterReport
 from .atomic import atomic_path
 
 if TYPE_CHECKING:
-    from .inspection import AdapterInspection, ModelInspection
+    from .inspection import AdapterInspection, ModelInspection, ProbedModule
     from .merge import MergeReport
 
 
@@ -126,16 +126,22 @@ def task_progress(console: Console, label: str) -> Iterator[Callable[[str, int, 
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own progress bars while ours runs (two bars fighting over a line help no one)."""
+    """Silence transformers' and datasets' own progress bars while ours runs (bars fighting over a line help
+    no one)."""
+    import datasets
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
+    datasets_enabled = datasets.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+        if datasets_enabled:
+            datasets.enable_progress_bars()
 
 
 def merge_summary(report: MergeReport) -> list[str]:
@@ -287,3 +293,26 @@ def adapter_inspection_view(inspection: AdapterInspection, top: int = 10) -> lis
     for layer in sorted(inspection.layers, key=lambda item: -item.rms)[:top]:
         moved.add_row(layer.module, str(layer.blocks), f"{layer.norm:.3f}", f"{layer.rms:.2e}")
     return [header, kinds, moved]
+
+
+def probe_table(rows: list[ProbedModule], data: str) -> Table:
+    """``--probe``: effective ranks (95% energy) per module kind and the largest N Theorem 2 allows."""
+    table = Table(
+        title=f"Theorem 2 on {data}: 95%-energy ranks of inputs (r1) and output gradients (r2), per batch of "
+        f"{rows[0].rows if rows else 0} tokens",
+        title_justify="left",
+    )
+    for column in ("module", "m1×m2", "layers", "r1 mean / max", "r2 mean / max", "largest N", "m1·m2/(r1·r2)"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for row in rows:
+        table.add_row(
+            row.module,
+            f"{row.in_features}×{row.out_features}",
+            str(row.layers),
+            f"{row.r1_mean:.0f} / {row.r1_max}",
+            f"{row.r2_mean:.0f} / {row.r2_max}",
+            str(row.largest_n) if row.largest_n else "none",
+            f"{row.approximate_bound:.0f}",
+        )
+    table.caption = "largest N: a common factor of m1, m2 with N ≥ ⌈r1·N/m1⌉·⌈r2·N/m2⌉ for the largest ranks seen"
+    return table

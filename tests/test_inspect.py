@@ -4,6 +4,7 @@ budget, adapter folders and recipes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -196,3 +197,39 @@ def test_memory_estimate_of_a_4bit_base():
     assert quantized["weights"] < plain["weights"] / 3
     with pytest.raises(DiaBloError, match="--quantization 'int3'"):
         inspect_model("llama2-7b", quantization="int3")
+
+
+def test_effective_rank_of_a_known_low_rank_matrix():
+    from diablo_cli.inspection import effective_rank
+
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(200, 7, generator=generator) @ torch.randn(7, 64, generator=generator)
+    assert effective_rank(low, 0.999999) == 7
+    assert effective_rank(torch.zeros(5, 5)) == 0
+    spectrum = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.1]))  # energies 9, 4, 1, 0.01 of 14.01
+    assert effective_rank(spectrum, 0.9) == 2 and effective_rank(spectrum, 0.95) == 3
+
+
+def test_theorem2_condition_by_hand():
+    from diablo_cli.inspection import theorem2_blocks
+
+    # m1 = m2 = 576, r1 = 61, r2 = 67: N=72 gives ⌈61·72/576⌉·⌈67·72/576⌉ = 8·9 = 72 ≤ 72; N=96 needs 11·12 = 132 > 96
+    assert theorem2_blocks(576, 576, 61, 67) == 72
+    assert theorem2_blocks(4096, 4096, 4096, 4096) == 1  # full rank: only N=1 (full fine-tuning) qualifies
+    assert theorem2_blocks(4096, 11008, 64, 64) == 256  # low rank: every common factor up to gcd 256 fits
+
+
+def test_probe_measures_ranks_on_the_tiny_model():
+    from diablo_cli.inspection import probe_theorem2
+
+    rows = probe_theorem2(
+        "tiny-random-llama", "bundled://quickstart/train.jsonl", targets="QV", batches=2, batch=2, seq_len=64
+    )
+    assert {row.module for row in rows} == {"q_proj", "v_proj"}
+    for row in rows:
+        assert row.layers == 3 and row.rows > 0
+        assert 0 < row.r1_mean <= row.r1_max <= min(row.rows, row.in_features)
+        assert 0 < row.r2_max <= min(row.rows, row.out_features)
+        assert row.largest_n is None or row.largest_n >= math.ceil(row.r1_max * row.largest_n / row.in_features) * (
+            math.ceil(row.r2_max * row.largest_n / row.out_features)
+        )

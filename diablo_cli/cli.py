@@ -143,7 +143,6 @@ def inspect(
     from rich.console import Console
 
     from . import inspection as insp
-    from .models import TORCH_DTYPES
     from .report import adapter_inspection_view, model_inspection_view, probe_table, quiet_transformers
 
     console = Console()
@@ -172,7 +171,7 @@ def inspect(
             per_module=per_module,
             seq_len=seq_len,
             batch=batch,
-            dtype=TORCH_DTYPES.get(dtype, dtype) if dtype else None,
+            dtype=dtype,
             quantization=quantization,
             trust_remote_code=trust_remote_code,
         )

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import DiaBloConfig, base_parameter_count, select_targets
-from .adapter.config import is_letter_spec
+from .adapter.config import canonical_dtype, is_letter_spec
 from .adapter.layer import BlockLayout
-from .adapter.targets import Target, module_letters
+from .adapter.targets import Target, linear_modules, module_letters
 from .errors import DiaBloError
 from .models import MODEL_ALIASES, _explain_load_failure, resolve_model, skeleton_model
 
@@ -126,7 +126,7 @@ def inspect_model(
         model=name,
         architecture=type(model).__name__,
         base_parameters=base,
-        linear_modules=group_shapes(all_linear_layers(model)),
+        linear_modules=group_shapes([Target(name, *features, 1) for name, _, features in linear_modules(model)]),
         targets=targets,
         layers=layers,
         targeted=targeted,
@@ -149,7 +149,7 @@ def inspect_model(
         reference = next((c for c in inspection.candidates if c.blocks == wanted), None)
         reference = reference or count_blocks(selection, wanted, base)
     rank = match_lora or max(1, round(reference.lora_rank))
-    dtype = dtype or _config_dtype(config)
+    dtype = _requested_dtype(dtype) if dtype else _config_dtype(config)
     inspection.memory_settings = {
         "blocks": reference.blocks,
         "lora_rank": rank,
@@ -185,21 +185,19 @@ def inspect_model(
     return inspection
 
 
+def _requested_dtype(name: str) -> str:
+    try:
+        return canonical_dtype(name)
+    except DiaBloError:
+        raise DiaBloError(f"--dtype {name!r}: choose one of fp32, bf16, fp16") from None
+
+
 def _config_dtype(config) -> str:
-    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
-    name = name.removeprefix("torch.")
-    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
-
-
-def all_linear_layers(model) -> list[Target]:
-    from .adapter.layer import linear_features
-
-    found = []
-    for name, module in model.named_modules():
-        features = linear_features(module)
-        if features is not None:
-            found.append(Target(name, features[0], features[1], 1))
-    return found
+    """The dtype a checkpoint declares, or bf16 when it declares none (or an unusual one)."""
+    try:
+        return canonical_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
+    except DiaBloError:
+        return "bfloat16"
 
 
 def group_shapes(targets: list[Target]) -> list[ModuleShape]:
@@ -224,7 +222,7 @@ def common_divisors(dims: list[int]) -> list[int]:
     return [n for n in range(1, g + 1) if g % n == 0]
 
 
-def blocks_for(target: Target, blocks: int | dict[str, int]) -> int:
+def _blocks_of(target: Target, blocks: int | dict[str, int]) -> int:
     if isinstance(blocks, int):
         return blocks
     return blocks[target.name.rsplit(".", 1)[-1]]
@@ -237,7 +235,7 @@ def count_blocks(targets: list[Target], blocks: int | dict[str, int], base: int)
     divides = True
     layouts: dict[BlockLayout, int] = {}  # layers share a few shapes: count each layout once
     for target in targets:
-        layout = BlockLayout(target.in_features, target.out_features, blocks_for(target, blocks))
+        layout = BlockLayout(target.in_features, target.out_features, _blocks_of(target, blocks))
         layouts[layout] = layouts.get(layout, 0) + 1
         shapes.setdefault(target.name.rsplit(".", 1)[-1], (layout.block_in, layout.block_out))
     for layout, layers in layouts.items():

@@ -32,6 +32,7 @@ from ._version import __version__
 from .adapter import adapters_disabled, load_adapter, merge_diablo, read_adapter_config
 from .adapter.files import WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
+from .adapter.model import tied_parameter_names
 from .errors import DiaBloError
 from .models import TORCH_DTYPES, local_model_folder, model_class_for, skeleton_model
 
@@ -183,6 +184,7 @@ class MergePlan:
     transposed: set[str]  # GPT-2 Conv1D weights, stored (in, out)
     sources: dict[str, str]  # output weight key -> key it is read from (differs for a tied lm_head)
     tied: set[str]  # adapted weights the base ties to another module: the merged model unties them
+    tensor_count: int  # tensors in the base's shards (for progress)
 
 
 def plan_streaming_merge(adapter_dir: Path, document: dict[str, Any], base_dir: Path) -> MergePlan:
@@ -194,9 +196,9 @@ def plan_streaming_merge(adapter_dir: Path, document: dict[str, Any], base_dir: 
     targets = check_against_base(skeleton, document, adapter_dir)
     modules = dict(skeleton.named_modules())
     shards, keys = _checkpoint_keys(base_dir)
-    aliases = _tied_parameter_names(skeleton)
+    aliases = tied_parameter_names(skeleton)
 
-    plan = MergePlan(shards, {}, {}, set(), {}, set())
+    plan = MergePlan(shards, {}, {}, set(), {}, set(), len(keys))
     with safe_open(str(adapter_dir / WEIGHTS_FILE), framework="pt") as weights:
         for target in targets:
             key = f"{target.name}.weight"
@@ -230,7 +232,6 @@ def stream_merge(
     most ``shard_limit`` bytes (a single tensor larger than that gets a shard of its own)."""
     writer = _ShardWriter(out, shard_limit)
     tied_outputs = {key: source for key, source in plan.sources.items() if key != source}
-    total = sum(_count_keys(shard) for shard in plan.shards)
     done = 0
     for shard in plan.shards:
         with safe_open(str(shard), framework="pt") as reader:
@@ -245,7 +246,7 @@ def stream_merge(
                     writer.add(output_key, _merge_one(output_key, reader.get_tensor(key), plan, dtype, report))
                 done += 1
                 if progress:
-                    progress(f"tensors ({shard.name})", done, total)
+                    progress(f"tensors ({shard.name})", done, plan.tensor_count)
     report.tensors, report.shards, report.bytes_written = writer.close()
     report.untied = sorted(plan.tied)
 
@@ -546,19 +547,6 @@ def _checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:
     )
 
 
-def _count_keys(shard: Path) -> int:
-    with safe_open(str(shard), framework="pt") as reader:
-        return len(reader.keys())
-
-
-def _tied_parameter_names(model) -> dict[str, list[str]]:
-    """For each parameter name, the other names the same tensor goes by (tied embeddings)."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(parameter), []).append(name)
-    return {name: [other for other in names if other != name] for names in by_tensor.values() for name in names}
-
-
 def _quantization_method(config: dict[str, Any]) -> str | None:
     quantization = config.get("quantization_config")
     if not quantization:
@@ -592,7 +580,9 @@ def _stored_float_dtype(base_dir: Path) -> torch.dtype | None:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    """fp32/bf16/fp16: the spelling the --dtype option takes."""
+    short = {getattr(torch, name): key for key, name in TORCH_DTYPES.items()}
+    return short.get(dtype, str(dtype))
 
 
 def _write_config(config: dict[str, Any], out: Path, dtype: torch.dtype, *, untie: bool) -> None:

@@ -5,26 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from diablo_cli import DiaBloConfig, attach_diablo, parameter_report
 from diablo_cli.adapter import base_parameter_count
-
-LLAMA2_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-)
+from diablo_cli.inspection import load_model_config
+from diablo_cli.models import skeleton_model
 
 
-def llama2_7b_on_meta() -> LlamaForCausalLM:
-    """The public Llama-2-7B architecture, no weights: shapes and counts only."""
-    with torch.device("meta"):
-        return LlamaForCausalLM(LlamaConfig(**LLAMA2_7B))
+def llama2_7b_on_meta():
+    """The public Llama-2-7B architecture from the config the package ships, no weights: shapes and counts only."""
+    return skeleton_model(load_model_config("llama2-7b"))
 
 
 def test_counts_match_the_formula_on_a_tiny_model():

@@ -197,6 +197,8 @@ def test_memory_estimate_of_a_4bit_base():
     assert quantized["weights"] < plain["weights"] / 3
     with pytest.raises(DiaBloError, match="--quantization 'int3'"):
         inspect_model("llama2-7b", quantization="int3")
+    with pytest.raises(DiaBloError, match="--dtype 'fp8': choose one of fp32, bf16, fp16"):
+        inspect_model("llama2-7b", dtype="fp8")
 
 
 def test_effective_rank_of_a_known_low_rank_matrix():

@@ -102,14 +102,20 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.active = active
 
 
+def tied_parameter_names(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter name, the other names the same tensor goes by (tied embeddings); [] when untied."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(parameter), []).append(name)
+    return {name: [other for other in names if other != name] for names in by_tensor.values() for name in names}
+
+
 def _untie_shared_weights(model: nn.Module, layers: dict[str, DiaBloLinear]) -> None:
     """A merged update belongs to one layer only: a weight tied to another module (``lm_head`` and the input
     embeddings) is copied first, and the model's config no longer claims the tie."""
-    owners: dict[int, int] = {}
-    for _, parameter in model.named_parameters(remove_duplicate=False):
-        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    aliases = tied_parameter_names(model)
     for name, layer in layers.items():
-        if owners.get(id(layer.base.weight), 0) > 1:
+        if aliases.get(f"{name}.base.weight"):
             log.info("%s shares its weight with another module (tied embeddings); merging into a copy", name)
             layer.untie_base_weight()
             config = getattr(model, "config", None)

@@ -7,6 +7,7 @@ DiaBloError is printed as one line and exits with status 2, never as a traceback
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -110,6 +111,129 @@ def merge(
         )
     for line in merge_summary(report):
         console.print(line, highlight=False)
+
+
+@app.command("eval")
+def eval_command(
+    recipe: Path | None = typer.Argument(None, help="A recipe whose `eval:` section names the tasks (optional)."),
+    base: str | None = typer.Option(None, "--base", help="Base model. Default: the recipe's, else the adapter's."),
+    adapters: list[Path] = typer.Option([], "--adapter", "-a", help="An adapter folder; repeat to compare several."),
+    models: list[str] = typer.Option([], "--model", help="A standalone model (e.g. a merged folder) as another row."),
+    tasks: list[str] = typer.Option([], "--task", "-t", help="A task (repeatable); `--list-tasks` shows them."),
+    data: str | None = typer.Option(None, "--data", help="Local copy of the task's data, in its published format."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate the first N examples of each task."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Prompts per batch (default 16)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write scores here; predictions go beside it."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampled decoding (default 0)."),
+    template: str | None = typer.Option(None, "--template", help="alpaca, chat or plain. Default: as trained."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, bf16 or fp16. Default: as trained."),
+    scoring: str | None = typer.Option(None, "--scoring", help="generate (default) or loglik (multiple choice)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Default: the task's."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature)."),
+    num_samples: int = typer.Option(1, "--num-samples", min=1, help="Samples per prompt (humaneval pass@k)."),
+    no_base: bool = typer.Option(False, "--no-base", help="Leave out the base model's row."),
+    allow_code_execution: bool = typer.Option(
+        False, "--allow-code-execution", help="Run generated code (humaneval) in the sandboxed subprocess."
+    ),
+    code_timeout: float = typer.Option(10.0, "--code-timeout", help="Seconds per generated program."),
+    refusal_classifier: str | None = typer.Option(
+        None, "--refusal-classifier", help="hexphi: `keywords` (default) or package.module:function."
+    ),
+    harness: str | None = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, comma-separated."),
+    harness_include: str | None = typer.Option(None, "--harness-include", help="Folder of custom harness tasks."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own code."),
+    list_tasks: bool = typer.Option(False, "--list-tasks", help="List the built-in tasks and exit."),
+) -> None:
+    """Score the base, each adapter and each merged model on the paper's benchmarks, side by side."""
+    from rich.console import Console
+
+    console = Console()
+    if list_tasks:
+        from .evaluate.tasks import TASKS
+
+        for task in TASKS.values():
+            console.print(f"[bold]{task.name:<12}[/] {task.family:<12} {task.about}", highlight=False)
+        console.print(f"[bold]{'loss':<12}[/] {'loss':<12} mean loss and perplexity on --data (any training format)")
+        return
+    from .evaluate.compare import build_plan, run_evaluation
+    from .evaluate.generation import Sampling
+    from .evaluate.runner import EvalSettings, write_results
+    from .recipe import load_recipe
+    from .report import eval_table, quiet_transformers
+
+    if template is not None and template not in ("alpaca", "chat", "plain"):
+        raise DiaBloError(f"--template {template!r}: valid templates are alpaca, chat, plain")
+    if scoring is not None and scoring not in ("generate", "loglik"):
+        raise DiaBloError(f"--scoring {scoring!r}: valid values are generate, loglik")
+    loaded = load_recipe(recipe) if recipe is not None else None
+    section = loaded.eval if loaded is not None else None
+    settings = EvalSettings(
+        batch_size=batch_size or (section.batch_size if section else 16),
+        limit=limit,
+        seed=seed if seed is not None else (section.seed if section else 0),
+        dtype=dtype,
+        allow_code_execution=allow_code_execution,
+        code_timeout=code_timeout,
+        refusal_classifier=refusal_classifier,
+        trust_remote_code=trust_remote_code or bool(loaded and loaded.model.trust_remote_code),
+        harness=[name.strip() for name in (harness or "").split(",") if name.strip()],
+        harness_include=harness_include,
+    )
+    plan = build_plan(
+        recipe=loaded,
+        base=base,
+        adapters=adapters,
+        models=models,
+        task_names=tasks,
+        data=data,
+        include_base=not no_base,
+        template=template,
+        scoring=scoring,
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature, top_p, num_samples, settings.seed),
+        settings=settings,
+    )
+    for note in plan.notes:
+        console.print(f"[dim]{note}[/]", highlight=False)
+    if any(spec.family == "code" for spec in plan.tasks) and allow_code_execution:
+        console.print(
+            "[yellow]--allow-code-execution: generated programs run in a sandboxed subprocess (time and memory "
+            "limits, no network, a temporary folder)[/]"
+        )
+    with quiet_transformers(), _eval_progress(console) as progress:
+        result = run_evaluation(plan, progress=progress, log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+    console.print(eval_table(result.scores, result.templates))
+    if json_path is not None:
+        scores_file, predictions_file = write_results(result, json_path)
+        console.print(f"scores: {scores_file}; predictions: {predictions_file}", highlight=False)
+
+
+@contextmanager
+def _eval_progress(console):
+    """One Rich bar per model row, driven by the runner's ``(phase, done, total)`` callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(
+        TextColumn("[bold]{task.fields[label]}"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+    def for_row(label: str):
+        task = bars.add_task("", total=None, label=label)
+
+        def advance(phase: str, done: int, total: int | None) -> None:
+            bars.update(task, description=phase, completed=done, total=total)
+
+        return advance
+
+    with bars:
+        yield for_row
 
 
 @app.command()

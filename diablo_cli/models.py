@@ -63,19 +63,22 @@ def load_base_model(
     revision: str | None = None,
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM and its tokenizer. Weights only from safetensors: nothing is unpickled.
+    """Load a causal LM (or a seq2seq model such as T5) and its tokenizer. Weights only from safetensors:
+    nothing is unpickled.
 
     ``dtype`` is fp32/bf16/fp16 (or a torch name); None keeps the checkpoint's own dtype.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     source = resolve_model(name)
     torch_dtype = getattr(torch, TORCH_DTYPES.get(dtype, dtype)) if dtype else "auto"
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = auto_class.from_pretrained(
             source, dtype=torch_dtype, use_safetensors=True, attn_implementation=attn_implementation, **kwargs
         )
     except (OSError, ValueError) as err:

@@ -102,19 +102,50 @@ class TrainingSection(_Section):
 
 
 class EvalTask(_Section):
-    """A held-out set scored by generation (exact match); more tasks and metrics come with `diablo eval`."""
+    """One evaluation: a built-in benchmark (gsm8k, boolq, humaneval, ... see `diablo eval --list-tasks`), `loss`
+    on a training-format dataset, or a custom held-out set scored by exact match (`dataset` in a training format).
+
+    For a built-in task `dataset.path` is a local copy of its data in the format it is published in.
+    """
 
     name: str
-    dataset: DatasetSource
-    metric: Literal["exact_match"] = "exact_match"
-    max_new_tokens: int = Field(32, ge=1)
+    task: str | None = None  # the built-in task; None: `name` when that is one, else a custom exact-match task
+    dataset: DatasetSource | None = None
+    metric: Literal["exact_match"] = "exact_match"  # custom tasks
+    max_new_tokens: int | None = Field(None, ge=1)  # None: the task's default (custom tasks: 32)
     limit: int | None = Field(None, ge=1)
+    scoring: Literal["generate", "loglik"] = "generate"  # loglik: most probable choice (multiple-choice tasks)
+    temperature: float = Field(0.0, ge=0.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    num_samples: int = Field(1, ge=1)  # humaneval pass@k needs k samples or more (and a temperature)
+
+    @model_validator(mode="after")
+    def _task_or_dataset(self) -> EvalTask:
+        from .evaluate.tasks import TASKS
+
+        kind = (self.task or self.name).lower()
+        if self.task is not None and kind not in TASKS and kind != "loss":
+            import difflib
+
+            close = difflib.get_close_matches(kind, [*TASKS, "loss"], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown task {self.task!r}; {hint}built-in tasks: {', '.join(TASKS)}, loss")
+        if kind not in TASKS and self.dataset is None:
+            raise ValueError(
+                f"{self.name!r} is not a built-in task ({', '.join(TASKS)}), so it needs `dataset:` (a held-out set "
+                "in a training format, scored by exact match) or `task:` naming a built-in one"
+            )
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ValueError("num_samples > 1 needs a temperature above 0 (greedy decoding repeats itself)")
+        return self
 
 
 class EvalSection(_Section):
     tasks: list[EvalTask] = Field(default_factory=list)
     batch_size: int = Field(16, ge=1)
-    compare_base: bool = True
+    compare_base: bool = True  # `diablo train`: score the base before training; `diablo eval`: add a base row
+    template: Literal["alpaca", "chat", "plain"] | None = None  # built-in tasks' prompts; None: as in training
+    seed: int = 0
 
 
 class LoggingSection(_Section):

@@ -316,3 +316,39 @@ def probe_table(rows: list[ProbedModule], data: str) -> Table:
         )
     table.caption = "largest N: a common factor of m1, m2 with N ≥ ⌈r1·N/m1⌉·⌈r2·N/m2⌉ for the largest ranks seen"
     return table
+
+
+def eval_table(scores: dict[str, dict[str, dict[str, float]]], templates: dict[str, str] | None = None) -> Table:
+    """Tasks × metrics down, models across: the base and each adapter side by side, with the change from the
+    first column (the base when it was evaluated) for every other model."""
+    from .evaluate.runner import PERCENT_METRICS, format_metric, iter_metric_cells
+
+    labels = list(scores)
+    table = Table(title="diablo eval", title_justify="left")
+    table.add_column("task")
+    table.add_column("metric")
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_column("n", justify="right", style="dim")
+    for task, metric in iter_metric_cells(scores):
+        percent = metric.startswith(PERCENT_METRICS)
+        cells = []
+        first = scores[labels[0]].get(task, {}).get(metric)
+        for index, label in enumerate(labels):
+            value = scores[label].get(task, {}).get(metric)
+            if value is None:
+                cells.append("-")
+                continue
+            text = format_metric(metric, value)
+            if index and first is not None and len(labels) > 1:
+                delta = value - first
+                sign = "+" if delta >= 0 else ""
+                shown = f"{sign}{delta * 100:.1f}" if percent else f"{sign}{delta:.3g}"
+                colour = "green" if delta > 0 else "red" if delta < 0 else "dim"
+                text += f" [{colour}]({shown})[/]"
+            cells.append(text)
+        counts = {scores[label].get(task, {}).get("n") for label in labels} - {None}
+        table.add_row(task, metric, *cells, "/".join(str(int(c)) for c in sorted(counts)))
+    if templates:
+        table.caption = "prompt templates: " + ", ".join(f"{label}: {name}" for label, name in templates.items())
+    return table

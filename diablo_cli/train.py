@@ -418,28 +418,43 @@ def validation_loss(accelerator, model, rows, collator, batch_size: int) -> floa
 
 
 def run_eval_tasks(recipe: Recipe, model, tokenizer, console: Console, *, label: str) -> dict[str, float]:
-    """Score the recipe's held-out generation tasks (exact match), printing one line per task."""
-    from .data import generation_prompt_ids, load_raw_examples, reference_response
-    from .evaluate.exact_match import exact_match
-    from .evaluate.generation import generate
+    """Score the recipe's eval tasks with `diablo eval`'s runner (same prompts, same judges), one line per task.
 
-    scores = {}
-    for task in recipe.eval.tasks:
-        examples = load_raw_examples(task.dataset)
-        if task.limit:
-            examples = examples.select(range(min(task.limit, len(examples))))
-        prompts = [generation_prompt_ids(example, task.dataset, tokenizer) for example in examples]
-        references = [reference_response(example, task.dataset) for example in examples]
-        started = time.perf_counter()
-        with console.status(f"evaluating {label} model on {task.name} ({len(prompts)} examples)"):
-            predictions = generate(
-                model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=recipe.eval.batch_size
+    Returns each task's headline metric, keyed "task:metric" (e.g. "dates:exact_match"). Code tasks are left
+    to `diablo eval --allow-code-execution`: training never runs generated code.
+    """
+    from .evaluate.runner import (
+        EvalResult,
+        EvalSettings,
+        evaluate_model,
+        format_metric,
+        headline_metric,
+        spec_from_recipe_task,
+        training_template,
+    )
+
+    specs = [spec_from_recipe_task(task, recipe.data.max_length) for task in recipe.eval.tasks]
+    skipped = [spec.name for spec in specs if spec.family == "code"]
+    if skipped:
+        console.print(f"[dim]{', '.join(skipped)}: run generated code only with diablo eval --allow-code-execution[/]")
+    specs = [spec for spec in specs if spec.family != "code"]
+    settings = EvalSettings(batch_size=recipe.eval.batch_size, seed=recipe.eval.seed)
+    template = recipe.eval.template or training_template(recipe.model_dump(mode="json"))
+    result = EvalResult()
+    scores: dict[str, float] = {}
+    for spec in specs:
+        with console.status(f"evaluating {label} model on {spec.name}"):
+            row = evaluate_model(
+                model, tokenizer, [spec], label=label, template=template, settings=settings, result=result
             )
-        scores[task.name] = exact_match(predictions, references)
+        metric, value = headline_metric(row[spec.name])
+        scores[f"{spec.name}:{metric}"] = value
+        example = next((r for r in result.predictions if r["task"] == spec.name), {})
+        shown = example.get("generation", example.get("extracted"))
+        sample = f"; e.g. {shown!r} for {example.get('reference')!r}" if "reference" in example else ""
         console.print(
-            f"{label} model, {task.name}: exact match [bold]{scores[task.name]:.1%}[/] "
-            f"on {len(prompts)} held-out examples ({time.perf_counter() - started:.0f}s); e.g. "
-            f"{predictions[0]!r} for {references[0]!r}"
+            f"{label} model, {spec.name}: {metric.replace('_', ' ')} [bold]{format_metric(metric, value)}[/] on "
+            f"{int(row[spec.name]['n'])} held-out examples ({result.seconds[f'{label}/{spec.name}']:.0f}s){sample}"
         )
     return scores
 
@@ -558,10 +573,14 @@ def _print_result(console: Console, result: TrainResult) -> None:
         f"[bold green]done:[/] {result.steps} steps in {result.seconds:.0f}s "
         f"({result.tokens_per_second:,.0f} tokens/s); adapter in {result.output_dir}/"
     )
-    for task, after in result.eval_after.items():
-        before = result.eval_before.get(task)
-        change = f"{before:.1%} → {after:.1%}" if before is not None else f"{after:.1%}"
-        console.print(f"  {task}: exact match {change}")
+    from .evaluate.runner import format_metric
+
+    for key, after in result.eval_after.items():
+        task, _, metric = key.partition(":")
+        before = result.eval_before.get(key)
+        shown = format_metric(metric, after)
+        change = f"{format_metric(metric, before)} → {shown}" if before is not None else shown
+        console.print(f"  {task}: {metric.replace('_', ' ')} {change}")
 
 
 def show_plan(recipe: Recipe, console: Console):

@@ -102,6 +102,18 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.active = active
 
 
+def detach_diablo(model: nn.Module) -> nn.Module:
+    """Take every (unmerged) adapter off again, leaving the base layers exactly as they were: one loaded base
+    can then carry several adapters in turn (``diablo eval`` with several ``--adapter``)."""
+    for name, layer in adapted_layers(model).items():
+        if layer.merged:
+            raise DiaBloError(f"{name}: the adapter is merged into the weight; unmerge it before detaching")
+        _replace_module(model, name, layer.base)
+    if hasattr(model, CONFIG_ATTRIBUTE):
+        delattr(model, CONFIG_ATTRIBUTE)
+    return model
+
+
 def tied_parameter_names(model: nn.Module) -> dict[str, list[str]]:
     """For each parameter name, the other names the same tensor goes by (tied embeddings); [] when untied."""
     by_tensor: dict[int, list[str]] = {}

@@ -26,23 +26,33 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 
 def load_raw_examples(source: DatasetSource, split: str | None = None) -> datasets.Dataset:
     """The source's raw rows (`split` overrides the source's), limited and checked to have the needed columns."""
+    dataset = load_rows(source, split)
+    check_columns(dataset, resolve_source(source), source_label(source))
+    return dataset
+
+
+def load_rows(source: DatasetSource, split: str | None = None, *, local_hint: str | None = None) -> datasets.Dataset:
+    """The source's raw rows, limited, with no check of columns (evaluation tasks read their own columns).
+
+    ``local_hint`` is the advice given when the data cannot be downloaded (default: set `path:` to a local copy).
+    """
     label = source_label(source)
     resolved = resolve_source(source)
     split = split or resolved.split
+    hint = local_hint or _local_copy_hint(source.preset)
     path = resolved.path
     assert path is not None  # a resolved source always has one
     if "://" in path:
-        dataset = _load_file(_fetch_url(path, label, source.preset), split, label)
+        dataset = _load_file(_fetch_url(path, label, hint), "train", label)
     elif Path(path).expanduser().exists():
         local = Path(path).expanduser()
         dataset = _load_folder(local, split, label) if local.is_dir() else _load_file(local, split, label)
     elif _looks_like_file(path):
         raise DiaBloError(f"dataset file {path!r} does not exist (looked for {Path(path).expanduser().resolve()})")
     else:
-        dataset = _load_hub(resolved, split, label, source.preset)
+        dataset = _load_hub(resolved, split, label, hint)
     if resolved.limit is not None:
         dataset = dataset.select(range(min(resolved.limit, len(dataset))))
-    check_columns(dataset, resolved, label)
     return dataset
 
 
@@ -112,7 +122,7 @@ def _read_json_split(path: Path, split: str) -> datasets.Dataset:
     return rows.select(range(window.from_ or 0, window.to if window.to is not None else len(rows)))
 
 
-def _load_hub(source: DatasetSource, split: str, label: str, preset: str | None) -> datasets.Dataset:
+def _load_hub(source: DatasetSource, split: str, label: str, hint: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(source.path, source.name, split=split)
     except Exception as err:
@@ -120,7 +130,7 @@ def _load_hub(source: DatasetSource, split: str, label: str, preset: str | None)
             raise DiaBloError(
                 f"dataset {label} is on the Hugging Face hub ({source.path}), which cannot be reached (offline or no "
                 f"network); download it where the hub is reachable, e.g. datasets.load_dataset({source.path!r}, "
-                f"split={split!r}).to_json('data.jsonl'), and {_local_copy_hint(preset)}"
+                f"split={split!r}).to_json('data.jsonl'), and {hint}"
             ) from None
         raise DiaBloError(f"could not load dataset {label} from the hub: {_first_line(err)}") from None
 
@@ -142,7 +152,7 @@ def cached_download_path(url: str) -> Path:
     return cache_dir() / "data" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
 
 
-def _fetch_url(url: str, label: str, preset: str | None) -> Path:
+def _fetch_url(url: str, label: str, hint: str) -> Path:
     """Download a data file once into the diablo-cli cache (presets whose data is not on the hub)."""
     target = cached_download_path(url)
     if target.is_file():
@@ -152,7 +162,7 @@ def _fetch_url(url: str, label: str, preset: str | None) -> Path:
     ):
         raise DiaBloError(
             f"dataset {label} is downloaded from {url}, which offline mode (HF_HUB_OFFLINE) forbids; download that "
-            f"file elsewhere and {_local_copy_hint(preset)}, or copy it to {target}"
+            f"file elsewhere and {hint}, or copy it to {target}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=".download-", dir=target.parent)
@@ -165,7 +175,7 @@ def _fetch_url(url: str, label: str, preset: str | None) -> Path:
     except OSError as err:
         raise DiaBloError(
             f"could not download dataset {label} from {url} ({_first_line(err)}); download that file elsewhere and "
-            f"{_local_copy_hint(preset)}"
+            f"{hint}"
         ) from None
     finally:
         Path(staging).unlink(missing_ok=True)

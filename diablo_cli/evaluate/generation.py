@@ -1,14 +1,48 @@
-"""Greedy batched generation for evaluation: left-padded, deterministic, returning only the new text."""
+"""Batched generation for evaluation: left-padded, greedy or seeded sampling, returning only the new text."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..errors import DiaBloError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode: greedy (temperature 0, the default) or sampled, with ``num_samples`` per prompt.
+
+    Sampling is seeded per batch (``seed`` + the batch's index), so a run repeats exactly for the same prompts
+    and batch size.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.num_samples < 1:
+            raise DiaBloError(
+                f"sampling: temperature must be >= 0 (0 = greedy), top_p in (0, 1], num_samples >= 1; got "
+                f"{self.temperature}, {self.top_p}, {self.num_samples}"
+            )
+        if self.temperature == 0 and self.num_samples > 1:
+            raise DiaBloError(
+                f"sampling: {self.num_samples} samples per prompt need a temperature above 0 (greedy decoding "
+                "gives the same text every time)"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
 
 
 def generate(
@@ -33,6 +67,27 @@ def generate(
     ``rich.progress.Progress.update(task, advance=n)``). The model is put in eval mode for the call and
     the tokenizer's ``padding_side`` (and missing pad token) are restored afterwards.
     """
+    samples = generate_samples(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, progress=progress
+    )
+    return [texts[0] for texts in samples]
+
+
+def generate_samples(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    *,
+    sampling: Sampling = GREEDY,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    stop: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[str]]:
+    """`generate` with a decoding choice: ``sampling.num_samples`` texts per prompt (one list per prompt).
+
+    Encoder-decoder models (T5) get the prompt as encoder input and return their whole decoder output.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not prompts:
@@ -41,29 +96,33 @@ def generate(
     encoded = [list(prompt) if not isinstance(prompt, str) else _encode(tokenizer, prompt) for prompt in prompts]
     # Longest first: the biggest batch runs at once, so running out of memory shows up immediately.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
-    results = [""] * len(prompts)
+    results: list[list[str]] = [[] for _ in prompts]
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    n = sampling.num_samples
 
     saved_side, saved_pad = tokenizer.padding_side, tokenizer.pad_token
     was_training = model.training
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise DiaBloError("generate: the tokenizer has neither a pad token nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
     try:
         model.eval()
-        config = _greedy_config(model, tokenizer, max_new_tokens)
+        config = _generation_config(model, tokenizer, max_new_tokens, sampling)
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
+            for batch_index, start in enumerate(range(0, len(order), batch_size)):
                 rows = order[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
                 batch = {key: value.to(model.device) for key, value in batch.items()}
-                width = batch["input_ids"].shape[1]
+                width = 0 if encoder_decoder else batch["input_ids"].shape[1]
                 criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, width)]) if stop else None
+                if not sampling.greedy:
+                    torch.manual_seed(sampling.seed + batch_index)
                 output = model.generate(**batch, generation_config=config, stopping_criteria=criteria)
                 texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-                for index, text in zip(rows, texts, strict=True):
-                    results[index] = cut_at_stop(text, stop)
+                for position, index in enumerate(rows):
+                    results[index] = [cut_at_stop(text, stop) for text in texts[position * n : (position + 1) * n]]
                 if progress is not None:
                     progress(len(rows))
     finally:
@@ -91,13 +150,17 @@ def _encode(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=not already_has_bos)["input_ids"]
 
 
-def _greedy_config(model, tokenizer, max_new_tokens: int) -> GenerationConfig:
-    """The model's own generation config (its EOS ids) forced to plain greedy decoding."""
+def _generation_config(model, tokenizer, max_new_tokens: int, sampling: Sampling) -> GenerationConfig:
+    """The model's own generation config (its EOS ids) with exactly the decoding asked for, nothing inherited
+    (a checkpoint's default temperature or top-k would otherwise change what "greedy" means)."""
     base = getattr(model, "generation_config", None)
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
-    config.do_sample = False
     config.num_beams = 1
-    config.temperature = config.top_p = config.top_k = None
+    config.do_sample = not sampling.greedy
+    config.temperature = None if sampling.greedy else sampling.temperature
+    config.top_p = None if sampling.greedy or sampling.top_p == 1 else sampling.top_p
+    config.top_k = None
+    config.num_return_sequences = sampling.num_samples
     config.max_new_tokens = max_new_tokens
     config.max_length = None
     config.pad_token_id = tokenizer.pad_token_id

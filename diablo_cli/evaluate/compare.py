@@ -31,6 +31,7 @@ class EvalPlan:
     tasks: list[TaskSpec]
     settings: EvalSettings = field(default_factory=EvalSettings)
     notes: list[str] = field(default_factory=list)  # what was inferred (template, base, dtype) and from where
+    base_dtype: str | None = None  # the shared base's dtype: --dtype, else the adapter's training dtype
 
 
 def plan_rows(
@@ -74,7 +75,7 @@ def plan_rows(
         if recorded and base and Path(recorded).name != Path(base).name and recorded != base:
             notes.append(f"{label} was trained on {recorded}; evaluating it on {base}")
         if own and not template:
-            notes.append(f"{label}: prompts use the {own!r} template of its training recipe")
+            notes.append(f"{label}: built-in tasks are prompted with the {own!r} template of its training recipe")
     for name in models:
         label = _unique_label(Path(name).name or name, labels)
         rows.append(ModelRow(label, model=name, template=shared))
@@ -111,7 +112,7 @@ def run_evaluation(
         log(f"loading {plan.base}")
         model, tokenizer = load_base_model(
             plan.base,
-            dtype=settings.dtype,
+            dtype=plan.base_dtype or settings.dtype,
             trust_remote_code=settings.trust_remote_code,
             revision=settings.revision,
         )
@@ -201,9 +202,10 @@ def build_plan(
 
         raise DiaBloError(f"no task to run: give --task NAME (built-in: {', '.join(TASKS)}, loss) or a recipe")
     saved = read_saved_recipe(adapters[0]) if adapters else None
-    if settings.dtype is None:
+    base_dtype = settings.dtype
+    if base_dtype is None:  # as trained; standalone models (--model) keep their own dtype unless --dtype says
         source = recipe.model.dtype if recipe is not None else ((saved or {}).get("model") or {}).get("dtype")
-        settings.dtype = None if source in (None, "auto") else source
+        base_dtype = None if source in (None, "auto") else source
     recipe_template = None
     if recipe is not None:
         recipe_template = recipe.eval.template or training_template(recipe.model_dump(mode="json"))
@@ -216,6 +218,7 @@ def build_plan(
         recipe_base=recipe.base_model if recipe is not None else None,
         recipe_template=recipe_template,
     )
-    if settings.dtype:
-        notes.append(f"models run in {settings.dtype}" + (" (as the adapter was trained)" if saved else ""))
-    return EvalPlan(base, rows, specs, settings, notes)
+    if base_dtype and any(row.model is None for row in rows):
+        inferred = settings.dtype is None and (saved is not None or recipe is not None)
+        notes.append(f"{base} runs in {base_dtype}" + (" (as the adapter was trained)" if inferred else ""))
+    return EvalPlan(base, rows, specs, settings, notes, base_dtype)

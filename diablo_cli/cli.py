@@ -129,6 +129,7 @@ def eval_command(
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, bf16 or fp16. Default: as trained."),
     scoring: str | None = typer.Option(None, "--scoring", help="generate (default) or loglik (multiple choice)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Default: the task's."),
+    stop: list[str] = typer.Option([], "--stop", help="Also stop generating at this text (repeatable)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (default)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature)."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="Samples per prompt (humaneval pass@k)."),
@@ -191,6 +192,7 @@ def eval_command(
         template=template,
         scoring=scoring,
         max_new_tokens=max_new_tokens,
+        stop=stop,
         sampling=Sampling(temperature, top_p, num_samples, settings.seed),
         settings=settings,
     )

@@ -118,6 +118,7 @@ class EvalTask(_Section):
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     num_samples: int = Field(1, ge=1)  # humaneval pass@k needs k samples or more (and a temperature)
+    stop: list[str] = Field(default_factory=list)  # extra stop strings, on top of the task's own
 
     @model_validator(mode="after")
     def _task_or_dataset(self) -> EvalTask:

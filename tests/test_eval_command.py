@@ -286,3 +286,20 @@ def test_template_rules(adapter_dir):
     assert [(row.label, row.template) for row in plan.rows] == [("adapter", "alpaca")]
     plan = build_plan(adapters=[adapter_dir, adapter_dir], task_names=["gsm8k"])
     assert [row.label for row in plan.rows] == ["base", "adapter", "adapter-2"]
+
+
+def test_stop_strings_add_to_the_tasks_own(monkeypatch):
+    seen = {}
+
+    def capture(model, tokenizer, ids, *, sampling, max_new_tokens, batch_size, stop, progress):
+        seen.update(stop=stop, max_new_tokens=max_new_tokens)
+        return [[""] for _ in ids]
+
+    monkeypatch.setattr(runner_module, "generate_samples", capture)
+    spec = spec_from_name("gsm8k", max_new_tokens=7, stop=("\nQ:",))
+    runner_module._generate(None, None, spec, [[1]], EvalSettings(), None)
+    assert seen == {"stop": [*TASKS["gsm8k"].stop, "\nQ:"], "max_new_tokens": 7}
+    from diablo_cli.recipe import EvalTask
+
+    task = EvalTask(name="gsm8k", stop=["\n\n"], max_new_tokens=5)
+    assert runner_module.spec_from_recipe_task(task).stop == ("\n\n",)

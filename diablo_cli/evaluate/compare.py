@@ -172,6 +172,7 @@ def build_plan(
     template: str | None = None,
     scoring: str | None = None,
     max_new_tokens: int | None = None,
+    stop: list[str] | None = None,
     sampling=None,
     settings: EvalSettings | None = None,
 ) -> EvalPlan:
@@ -190,7 +191,9 @@ def build_plan(
         if data is not None and len(task_names) != 1:
             raise DiaBloError("--data is the local copy of one task's data: give exactly one --task with it")
         specs = [
-            spec_from_name(name, data, scoring=scoring, sampling=sampling, max_new_tokens=max_new_tokens)
+            spec_from_name(
+                name, data, scoring=scoring, sampling=sampling, max_new_tokens=max_new_tokens, stop=tuple(stop or ())
+            )
             for name in task_names
         ]
     elif recipe is not None and recipe.eval.tasks:

@@ -41,6 +41,7 @@ class TaskSpec:
     scoring: str = "generate"  # or "loglik" (commonsense, GLUE classification)
     sampling: Sampling = GREEDY
     max_length: int = 1024  # loss: longest row in tokens
+    stop: tuple[str, ...] = ()  # extra stop strings, on top of the task's own
 
     @property
     def family(self) -> str:
@@ -262,7 +263,7 @@ def _generate(model, tokenizer, spec, ids, settings, progress) -> list[list[str]
         if progress:
             progress(f"{spec.name}: generating", done, total)
 
-    stop = list(spec.definition.stop) if spec.definition else []
+    stop = [*(spec.definition.stop if spec.definition else ()), *spec.stop]
     sampling = spec.sampling
     if sampling.seed != settings.seed:
         sampling = Sampling(sampling.temperature, sampling.top_p, sampling.num_samples, settings.seed)
@@ -436,8 +437,10 @@ def _custom_task(model, tokenizer, spec, settings, progress):
     definition = TaskDefinition(
         spec.name, "custom", "", None, lambda row: row, judge_exact, (), spec.max_new_tokens or 32, (), "plain"
     )
-    texts = _generate(model, tokenizer, TaskSpec(spec.name, definition, max_new_tokens=spec.max_new_tokens,
-                                                  sampling=spec.sampling), ids, settings, progress)  # fmt: skip
+    generation = TaskSpec(
+        spec.name, definition, max_new_tokens=spec.max_new_tokens, sampling=spec.sampling, stop=spec.stop
+    )
+    texts = _generate(model, tokenizer, generation, ids, settings, progress)
     return _judged_scores(TaskSpec(spec.name, definition), items, texts)
 
 
@@ -535,6 +538,7 @@ def spec_from_name(
     scoring: str | None = None,
     sampling: Sampling | None = None,
     max_new_tokens: int | None = None,
+    stop: tuple[str, ...] = (),
 ) -> TaskSpec:
     """A task named on the command line: a built-in one (``data`` a local copy of its data) or `loss` on ``data``."""
     if name.lower() == "loss":
@@ -550,6 +554,7 @@ def spec_from_name(
         scoring=scoring or "generate",
         sampling=sampling or GREEDY,
         max_new_tokens=max_new_tokens,
+        stop=tuple(stop),
     )
 
 
@@ -570,6 +575,7 @@ def spec_from_recipe_task(task, max_length: int = 1024) -> TaskSpec:
         limit=task.limit,
         scoring=task.scoring,
         sampling=sampling,
+        stop=tuple(task.stop),
     )
 
 

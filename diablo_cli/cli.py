@@ -7,7 +7,6 @@ DiaBloError is printed as one line and exits with status 2, never as a traceback
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -161,7 +160,7 @@ def eval_command(
     from .evaluate.generation import Sampling
     from .evaluate.runner import EvalSettings, write_results
     from .recipe import load_recipe
-    from .report import eval_table, quiet_transformers
+    from .report import eval_table, quiet_transformers, row_progress
 
     if template is not None and template not in ("alpaca", "chat", "plain"):
         raise DiaBloError(f"--template {template!r}: valid templates are alpaca, chat, plain")
@@ -203,39 +202,12 @@ def eval_command(
             "[yellow]--allow-code-execution: generated programs run in a sandboxed subprocess (time and memory "
             "limits, no network, a temporary folder)[/]"
         )
-    with quiet_transformers(), _eval_progress(console) as progress:
+    with quiet_transformers(), row_progress(console) as progress:
         result = run_evaluation(plan, progress=progress, log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
     console.print(eval_table(result.scores, result.templates))
     if json_path is not None:
         scores_file, predictions_file = write_results(result, json_path)
         console.print(f"scores: {scores_file}; predictions: {predictions_file}", highlight=False)
-
-
-@contextmanager
-def _eval_progress(console):
-    """One Rich bar per model row, driven by the runner's ``(phase, done, total)`` callbacks."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bars = Progress(
-        TextColumn("[bold]{task.fields[label]}"),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-    def for_row(label: str):
-        task = bars.add_task("", total=None, label=label)
-
-        def advance(phase: str, done: int, total: int | None) -> None:
-            bars.update(task, description=phase, completed=done, total=total)
-
-        return advance
-
-    with bars:
-        yield for_row
 
 
 @app.command()

@@ -122,15 +122,14 @@ class EvalTask(_Section):
 
     @model_validator(mode="after")
     def _task_or_dataset(self) -> EvalTask:
-        from .evaluate.tasks import TASKS
+        from .evaluate.tasks import TASKS, get_task
 
         kind = (self.task or self.name).lower()
-        if self.task is not None and kind not in TASKS and kind != "loss":
-            import difflib
-
-            close = difflib.get_close_matches(kind, [*TASKS, "loss"], n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown task {self.task!r}; {hint}built-in tasks: {', '.join(TASKS)}, loss")
+        if self.task is not None and kind != "loss":
+            try:
+                get_task(kind)
+            except DiaBloError as err:
+                raise ValueError(str(err)) from None
         if kind not in TASKS and self.dataset is None:
             raise ValueError(
                 f"{self.name!r} is not a built-in task ({', '.join(TASKS)}), so it needs `dataset:` (a held-out set "

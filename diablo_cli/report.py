@@ -102,12 +102,10 @@ def training_progress(console: Console, total_steps: int, start: int = 0) -> tup
     return progress, task
 
 
-@contextmanager
-def task_progress(console: Console, label: str) -> Iterator[Callable[[str, int, int | None], None]]:
-    """A Rich progress bar driven by ``advance(phase, done, total)`` callbacks; a phase with no total
-    shows as a spinner-like bar. Yields the callback."""
-    progress = Progress(
-        TextColumn(f"[bold]{label}"),
+def _phase_bars(console: Console, label: str) -> Progress:
+    """The bars `advance(phase, done, total)` callbacks drive: label, phase, bar, count, elapsed time."""
+    return Progress(
+        TextColumn(label),
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -115,13 +113,35 @@ def task_progress(console: Console, label: str) -> Iterator[Callable[[str, int, 
         console=console,
         transient=True,
     )
-    task = progress.add_task("", total=None)
 
+
+def _phase_callback(progress: Progress, task: TaskID) -> Callable[[str, int, int | None], None]:
     def advance(phase: str, done: int, total: int | None) -> None:
         progress.update(task, description=phase, completed=done, total=total)
 
+    return advance
+
+
+@contextmanager
+def task_progress(console: Console, label: str) -> Iterator[Callable[[str, int, int | None], None]]:
+    """A Rich progress bar driven by ``advance(phase, done, total)`` callbacks; a phase with no total
+    shows as a spinner-like bar. Yields the callback."""
+    progress = _phase_bars(console, f"[bold]{label}")
     with progress:
-        yield advance
+        yield _phase_callback(progress, progress.add_task("", total=None))
+
+
+@contextmanager
+def row_progress(console: Console) -> Iterator[Callable[[str], Callable[[str, int, int | None], None]]]:
+    """One bar per labelled row (``diablo eval``'s models): yields ``for_row(label)``, which adds a bar and
+    returns its ``advance(phase, done, total)`` callback."""
+    progress = _phase_bars(console, "[bold]{task.fields[label]}")
+
+    def for_row(label: str) -> Callable[[str, int, int | None], None]:
+        return _phase_callback(progress, progress.add_task("", total=None, label=label))
+
+    with progress:
+        yield for_row
 
 
 @contextmanager

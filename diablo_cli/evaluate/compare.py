@@ -107,42 +107,8 @@ def run_evaluation(
 
     settings = plan.settings
     result = EvalResult()
-    shared_rows = [row for row in plan.rows if row.model is None]
-    if shared_rows:
-        log(f"loading {plan.base}")
-        model, tokenizer = load_base_model(
-            plan.base,
-            dtype=plan.base_dtype or settings.dtype,
-            trust_remote_code=settings.trust_remote_code,
-            revision=settings.revision,
-        )
-        for row in shared_rows:
-            if row.adapter is not None:
-                load_adapter(model, row.adapter)
-            try:
-                evaluate_model(
-                    model,
-                    tokenizer,
-                    plan.tasks,
-                    label=row.label,
-                    template=row.template,
-                    settings=settings,
-                    result=result,
-                    progress=progress(row.label) if progress else None,
-                    log=log,
-                )
-            finally:
-                if row.adapter is not None:
-                    detach_diablo(model)
-        del model
-        gc.collect()
-    for row in plan.rows:
-        if row.model is None:
-            continue
-        log(f"loading {row.model}")
-        model, tokenizer = load_base_model(
-            row.model, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code, revision=settings.revision
-        )
+
+    def score(model, tokenizer, row: ModelRow) -> None:
         evaluate_model(
             model,
             tokenizer,
@@ -154,8 +120,32 @@ def run_evaluation(
             progress=progress(row.label) if progress else None,
             log=log,
         )
+
+    def load(name: str, dtype: str | None):
+        log(f"loading {name}")
+        return load_base_model(
+            name, dtype=dtype, trust_remote_code=settings.trust_remote_code, revision=settings.revision
+        )
+
+    shared_rows = [row for row in plan.rows if row.model is None]
+    if shared_rows:
+        model, tokenizer = load(plan.base, plan.base_dtype or settings.dtype)
+        for row in shared_rows:
+            if row.adapter is not None:
+                load_adapter(model, row.adapter)
+            try:
+                score(model, tokenizer, row)
+            finally:
+                if row.adapter is not None:
+                    detach_diablo(model)
         del model
         gc.collect()
+    for row in plan.rows:
+        if row.model is not None:
+            model, tokenizer = load(row.model, settings.dtype)
+            score(model, tokenizer, row)
+            del model
+            gc.collect()
     return result
 
 

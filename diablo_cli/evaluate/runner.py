@@ -145,8 +145,8 @@ def load_items(spec: TaskSpec, limit: int | None) -> list[Item]:
         return [definition.read({"prompt": line}) for line in _prompt_lines(Path(local))][:limit]
     if local:
         folder = Path(local).expanduser().is_dir()
-        origin = definition.origin.split if folder and definition.origin else "train"
-        sources = [DatasetSource(path=local, split=origin, name=spec.dataset.name)]
+        split = definition.origin.split if folder and definition.origin else "train"  # a single file is "train"
+        sources = [DatasetSource(path=local, split=split, name=spec.dataset.name)]
     elif definition.origin is None:
         raise DiaBloError(f"eval task {spec.name} needs a local file: {LOCAL_HINT}")
     else:
@@ -253,16 +253,20 @@ def _run_task(model, tokenizer, spec, template, settings, progress, log):
     return _judged_scores(spec, items, texts)
 
 
-def _generate(model, tokenizer, spec, ids, settings, progress) -> list[list[str]]:
-    total = len(ids)
+def _counter(progress: Progress | None, phase: str, total: int) -> Callable[[int], None]:
+    """An ``advance(n)`` callback that adds up increments and reports ``(phase, done, total)`` to ``progress``."""
     done = 0
 
     def advance(n: int) -> None:
         nonlocal done
         done += n
         if progress:
-            progress(f"{spec.name}: generating", done, total)
+            progress(phase, done, total)
 
+    return advance
+
+
+def _generate(model, tokenizer, spec, ids, settings, progress) -> list[list[str]]:
     stop = [*(spec.definition.stop if spec.definition else ()), *spec.stop]
     sampling = spec.sampling
     if sampling.seed != settings.seed:
@@ -275,7 +279,7 @@ def _generate(model, tokenizer, spec, ids, settings, progress) -> list[list[str]
         max_new_tokens=spec.max_new_tokens or spec.definition.max_new_tokens,
         batch_size=settings.batch_size,
         stop=stop,
-        progress=advance,
+        progress=_counter(progress, f"{spec.name}: generating", len(ids)),
     )
 
 
@@ -335,15 +339,8 @@ def _loglik_task(model, tokenizer, spec, items, ids, settings, progress):
             f"eval task {spec.name}: log-likelihood scoring applies to multiple-choice tasks "
             "(commonsense, GLUE classification); use scoring: generate"
         )
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(f"{spec.name}: scoring choices", done, len(items))
-
     choices = [list(item.choices) for item in items]
+    advance = _counter(progress, f"{spec.name}: scoring choices", len(items))
     scores = continuation_logprobs(model, tokenizer, ids, choices, batch_size=settings.batch_size, progress=advance)
     records, hits, hits_norm = [], [], []
     for item, options, values in zip(items, choices, scores, strict=True):
@@ -393,14 +390,7 @@ def _code_scores(spec, items, texts, settings, progress, log):
     n = len(texts[0])
     ks = tuple(k for k in (1, 5, 10) if k <= n)
     total = len(problems) * n
-    done = 0
-
-    def advance(count: int) -> None:
-        nonlocal done
-        done += count
-        if progress:
-            progress(f"{spec.name}: running tests in the sandbox", done, total)
-
+    advance = _counter(progress, f"{spec.name}: running tests in the sandbox", total)
     log(f"running {total} generated programs in the sandbox ({settings.code_timeout:g}s, {settings.code_memory_mb} MB)")
     metrics, outcomes = score_humaneval(
         problems,
@@ -424,24 +414,27 @@ def _code_scores(spec, items, texts, settings, progress, log):
 
 def _custom_task(model, tokenizer, spec, settings, progress):
     """Exact match on a dataset in a training format, rendered with its own template (the recipe's eval sets)."""
-    from ..data import generation_prompt_ids, load_raw_examples, reference_response
+    from ..data import generation_prompt_ids, reference_response
     from .tasks import judge_exact
 
-    assert spec.dataset is not None
-    examples = load_raw_examples(spec.dataset)
-    limit = spec.limit or settings.limit
-    if limit:
-        examples = examples.select(range(min(limit, len(examples))))
+    examples = _training_format_examples(spec, settings)
     ids = [generation_prompt_ids(example, spec.dataset, tokenizer) for example in examples]
     items = [Item(tokenizer.decode(i), reference_response(e, spec.dataset)) for i, e in zip(ids, examples, strict=True)]
     definition = TaskDefinition(
         spec.name, "custom", "", None, lambda row: row, judge_exact, (), spec.max_new_tokens or 32, (), "plain"
     )
-    generation = TaskSpec(
-        spec.name, definition, max_new_tokens=spec.max_new_tokens, sampling=spec.sampling, stop=spec.stop
-    )
-    texts = _generate(model, tokenizer, generation, ids, settings, progress)
-    return _judged_scores(TaskSpec(spec.name, definition), items, texts)
+    custom = TaskSpec(spec.name, definition, max_new_tokens=spec.max_new_tokens, sampling=spec.sampling, stop=spec.stop)
+    return _judged_scores(custom, items, _generate(model, tokenizer, custom, ids, settings, progress))
+
+
+def _training_format_examples(spec: TaskSpec, settings: EvalSettings):
+    """The raw rows of a custom or loss task's dataset (a training format), limited as asked."""
+    from ..data.sources import load_raw_examples
+
+    assert spec.dataset is not None
+    examples = load_raw_examples(spec.dataset)
+    limit = spec.limit or settings.limit
+    return examples.select(range(min(limit, len(examples)))) if limit else examples
 
 
 def _loss_task(model, tokenizer, spec, settings, progress):
@@ -449,14 +442,9 @@ def _loss_task(model, tokenizer, spec, settings, progress):
     import torch
 
     from ..data.collator import DataCollator
-    from ..data.sources import load_raw_examples
     from ..data.tokenize import tokenize_examples
 
-    assert spec.dataset is not None
-    raw = load_raw_examples(spec.dataset)
-    limit = spec.limit or settings.limit
-    if limit:
-        raw = raw.select(range(min(limit, len(raw))))
+    raw = _training_format_examples(spec, settings)
     rows = tokenize_examples(raw, spec.dataset, tokenizer, max_length=spec.max_length, train_on_inputs=False)
     rows = [row for row in rows if row["supervised"]]
     if not rows:

@@ -2,7 +2,7 @@
 
 bitsandbytes 4-bit (NF4/FP4) and 8-bit layers, and GPTQ quant-linear layers from GPTQModel, become plain
 ``nn.Linear`` layers holding the dequantized weight, which is exactly the weight the quantized layer
-multiplies by. ``diablo quantize`` (GPTQ, bitsandbytes, MagR) arrives in its own issue.
+multiplies by. GPTQ layers must not have run an inference-only kernel first (see ``quantization_kind``).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter.layer import DiaBloLinear
-from .errors import DiaBloError
+from ..adapter.layer import DiaBloLinear
+from ..errors import DiaBloError
 
 
 def quantization_kind(module: nn.Module) -> str | None:

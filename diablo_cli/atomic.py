@@ -1,12 +1,15 @@
-"""Writes that either complete or leave nothing behind: a temp file beside the target, then a rename."""
+"""Writes that either complete or leave nothing behind: a temp file (or folder) beside the target, then a rename."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import DiaBloError
 
 
 @contextlib.contextmanager
@@ -32,3 +35,38 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def check_model_output_dir(output_dir: Path, *, overwrite: bool, option: str = "--output") -> None:
+    """Refuse a non-empty output folder unless ``overwrite``, and even then one that holds no model (a typo must
+    not delete someone's files)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DiaBloError(f"{option} {output_dir} exists and is not a folder")
+    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if not contents:
+        return
+    if not overwrite:
+        raise DiaBloError(
+            f"{option} {output_dir} is not empty ({', '.join(contents[:4])}{', …' if len(contents) > 4 else ''}); "
+            "pass --overwrite to replace it or choose another folder"
+        )
+    if "config.json" not in contents:
+        raise DiaBloError(f"--overwrite: {output_dir} is not a model folder (no config.json); refusing to delete it")
+
+
+def move_into_place(staging: Path, output_dir: Path) -> None:
+    """Swap a finished folder in with renames: the old output survives until the new one is complete.
+
+    The staging folder was made private (mkdtemp); the output gets the permissions the umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    for path in staging.iterdir():
+        path.chmod(0o666 & ~umask)
+    previous = None
+    if output_dir.exists():
+        previous = output_dir.with_name(f".{output_dir.name}-replaced-{os.getpid()}")
+        output_dir.rename(previous)
+    staging.rename(output_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The ``diablo`` command: a thin Typer skin over the library's plain functions.
 
-Subcommands (train, eval, merge, quantize, inspect) arrive in their own issues. Whatever they raise as a
+Subcommands: train, eval, merge, quantize, inspect. Whatever they raise as a
 DiaBloError is printed as one line and exits with status 2, never as a traceback.
 """
 
@@ -211,6 +211,77 @@ def eval_command(
 
 
 @app.command()
+def quantize(
+    base: str = typer.Option(..., "--base", "-b", help="Full-precision base: hub id, local folder or alias."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the quantized model."),
+    method: str = typer.Option("gptq", "--method", "-m", help="gptq, rtn (round-to-nearest) or bnb-4bit."),
+    bits: int = typer.Option(4, "--bits", help="2, 3, 4 or 8 (gptq, rtn); bnb-4bit is 4."),
+    group_size: int = typer.Option(128, "--group-size", help="Weights sharing one scale (gptq, rtn); -1: per channel."),
+    desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ: quantize columns in order of activation size."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (default) or asymmetric quantization grid."),
+    damp: float = typer.Option(0.05, "--damp", help="GPTQ: dampening added to the Hessian's diagonal (fraction)."),
+    magr: bool = typer.Option(False, "--magr", help="MagR first: shrink each channel's largest weights, same outputs."),
+    magr_alpha: float | None = typer.Option(
+        None, "--magr-alpha", help="MagR's ℓ∞ weight. Default 1e-3 per channel, 1e-4 per group (the MagR paper)."
+    ),
+    magr_iterations: int = typer.Option(200, "--magr-iterations", help="MagR proximal-gradient steps per layer."),
+    calibration: str = typer.Option(
+        "python-docs",
+        "--calibration",
+        help="Calibration text: python-docs (ships with Python), a dataset preset, hub id, or local .jsonl/.csv/.txt.",
+    ),
+    samples: int = typer.Option(128, "--samples", help="Calibration windows."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the calibration windows' offsets."),
+    evaluate: bool = typer.Option(False, "--eval", help="Perplexity on held-out text before and after."),
+    bnb_quant_type: str = typer.Option("nf4", "--bnb-quant-type", help="bnb-4bit: nf4 or fp4."),
+    bnb_double_quant: bool = typer.Option(
+        True, "--bnb-double-quant/--no-bnb-double-quant", help="bnb-4bit: quantize the scales too."
+    ),
+    bnb_compute_dtype: str = typer.Option("bf16", "--bnb-compute-dtype", help="bnb-4bit: fp32, bf16 or fp16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in the output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own modelling code."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision of the base."),
+) -> None:
+    """Quantize a base to fine-tune on: GPTQ (GPTQModel), round-to-nearest or bitsandbytes 4-bit, optionally
+    after MagR; reports size, per-layer error and perplexity."""
+    from rich.console import Console
+
+    from .quantize.pipeline import quantize_model
+    from .report import quantize_summary, quiet_transformers, task_progress
+
+    console = Console()
+    with quiet_transformers(), task_progress(console, "quantizing") as advance:
+        report = quantize_model(
+            base,
+            output,
+            method=method,
+            bits=bits,
+            group_size=group_size,
+            desc_act=desc_act,
+            sym=sym,
+            damp_percent=damp,
+            magr=magr,
+            magr_alpha=magr_alpha,
+            magr_iterations=magr_iterations,
+            calibration=calibration,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            evaluate=evaluate,
+            bnb_quant_type=bnb_quant_type,
+            bnb_double_quant=bnb_double_quant,
+            bnb_compute_dtype=bnb_compute_dtype,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            progress=advance,
+        )
+    for item in quantize_summary(report):
+        console.print(item, highlight=False)
+
+
+@app.command()
 def inspect(
     target: str = typer.Argument(
         ..., help="A model (hub id, local folder, alias), an adapter folder, or a recipe YAML."
@@ -311,6 +382,7 @@ def bare_resume_means_latest(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning user errors into one clear line."""
     argv = bare_resume_means_latest(list(sys.argv[1:] if argv is None else argv))
+    _quiet_import_noise()
     try:
         app(args=argv, prog_name="diablo", standalone_mode=True)
     except TrainingStopped as err:
@@ -319,3 +391,15 @@ def main(argv: list[str] | None = None) -> None:
     except DiaBloError as err:
         error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
+"""torchao (which GPTQModel installs) warns about CUDA-only libraries on every model load on CPU, and torch's
+pytree about torchao's enums: lines that look like failures and are not."""
+
+
+def _quiet_import_noise() -> None:
+    import logging
+
+    for name in NOISY_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -33,6 +33,7 @@ from .adapter import adapters_disabled, load_adapter, merge_diablo, read_adapter
 from .adapter.files import WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
 from .adapter.model import tied_parameter_names
+from .atomic import check_model_output_dir, move_into_place
 from .errors import DiaBloError
 from .models import TORCH_DTYPES, local_model_folder, model_class_for, skeleton_model
 
@@ -168,7 +169,7 @@ def merge_adapter(
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss_bytes()
         write_model_card(staging, report, adapter_dir, document)
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -195,7 +196,7 @@ def plan_streaming_merge(adapter_dir: Path, document: dict[str, Any], base_dir: 
     skeleton = skeleton_model(AutoConfig.from_pretrained(base_dir))
     targets = check_against_base(skeleton, document, adapter_dir)
     modules = dict(skeleton.named_modules())
-    shards, keys = _checkpoint_keys(base_dir)
+    shards, keys = checkpoint_keys(base_dir)
     aliases = tied_parameter_names(skeleton)
 
     plan = MergePlan(shards, {}, {}, set(), {}, set(), len(keys))
@@ -488,36 +489,7 @@ def write_model_card(out: Path, report: MergeReport, adapter_dir: Path, document
 def _check_output_dir(output_dir: Path, adapter_dir: Path, *, overwrite: bool) -> None:
     if output_dir.resolve() == adapter_dir.resolve():
         raise DiaBloError(f"--output {output_dir} is the adapter folder itself; choose another folder")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DiaBloError(f"--output {output_dir} exists and is not a folder")
-    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    if not contents:
-        return
-    if not overwrite:
-        raise DiaBloError(
-            f"--output {output_dir} is not empty ({', '.join(contents[:4])}{', …' if len(contents) > 4 else ''}); "
-            "pass --overwrite to replace it or choose another folder"
-        )
-    if "config.json" not in contents:
-        raise DiaBloError(f"--overwrite: {output_dir} is not a model folder (no config.json); refusing to delete it")
-
-
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Swap the finished folder in with renames: the old output survives until the new one is complete.
-
-    The staging folder was made private (mkdtemp); the output gets the permissions the umask gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    for path in staging.iterdir():
-        path.chmod(0o666 & ~umask)
-    previous = None
-    if output_dir.exists():
-        previous = output_dir.with_name(f".{output_dir.name}-replaced-{os.getpid()}")
-        output_dir.rename(previous)
-    staging.rename(output_dir)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+    check_model_output_dir(output_dir, overwrite=overwrite)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -527,7 +499,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise DiaBloError(f"cannot read {path}: {err}") from None
 
 
-def _checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:
+def checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:
     """The base's safetensors files in order and every tensor key they hold (headers only)."""
     index_path = base_dir / INDEX_FILE
     if index_path.is_file():
@@ -570,7 +542,7 @@ def _output_dtype(requested: str | None, base_dir: Path, config: dict[str, Any],
 
 def _stored_float_dtype(base_dir: Path) -> torch.dtype | None:
     """The dtype the base's weights are actually stored in (its config can disagree)."""
-    shards, _ = _checkpoint_keys(base_dir)
+    shards, _ = checkpoint_keys(base_dir)
     with safe_open(str(shards[0]), framework="pt") as reader:
         for key in list(reader.keys()):
             dtype = reader.get_slice(key).get_dtype()

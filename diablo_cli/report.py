@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -25,6 +25,7 @@ from .atomic import atomic_path
 if TYPE_CHECKING:
     from .inspection import AdapterInspection, ModelInspection, ProbedModule
     from .merge import MergeReport
+    from .quantize.pipeline import QuantizeReport
 
 
 def parameter_table(report: ParameterReport, title: str = "DiaBlo parameters") -> Table:
@@ -372,3 +373,51 @@ def eval_table(scores: dict[str, dict[str, dict[str, float]]], templates: dict[s
     if templates:
         table.caption = "prompt templates: " + ", ".join(f"{label}: {name}" for label, name in templates.items())
     return table
+
+
+def quantize_summary(report: QuantizeReport) -> list[Any]:
+    """What ``diablo quantize`` ends with: sizes, per-layer reconstruction error, perplexities, time."""
+    grid = "per channel" if report.group_size in (None, -1) else f"group {report.group_size}"
+    method = {"gptq": "GPTQ", "rtn": "round-to-nearest", "bnb-4bit": "bitsandbytes 4-bit"}[report.method]
+    title = f"{method}, {report.bits}-bit, {grid}" + (", desc_act" if report.desc_act else "")
+    if report.magr:
+        magr_grid = "per channel" if report.magr["group_size"] is None else f"per group of {report.magr['group_size']}"
+        title += f", after MagR (α={report.magr['alpha']:g} {magr_grid}, {report.magr['iterations']} iterations)"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    ratio = report.size_before_bytes / report.size_after_bytes if report.size_after_bytes else 0.0
+    table.add_row(
+        "weights on disk",
+        f"{report.size_before_bytes / 1e6:,.1f} MB → {report.size_after_bytes / 1e6:,.1f} MB ({ratio:.2f}× smaller)",
+    )
+    summary = report.error_summary()
+    worst = report.worst_layer()
+    if summary and worst is not None:
+        table.add_row(
+            "layer error ‖XW − XŴ‖/‖XW‖",
+            f"{len(report.layers)} layers: mean {summary['mean']:.4f}, median {summary['median']:.4f}, "
+            f"max {summary['max']:.4f} ({worst.name})",
+        )
+    magr_layers = [layer for layer in report.layers if layer.magr_error is not None]
+    if magr_layers:
+        shrink = sum(layer.max_after / layer.max_before for layer in magr_layers) / len(magr_layers)
+        drift = max(layer.magr_error for layer in magr_layers)
+        table.add_row(
+            "MagR",
+            f"channel max |W| {100 * (1 - shrink):.1f}% smaller on average; outputs move ≤ {drift:.4f} (relative)",
+        )
+    calibration = report.calibration
+    table.add_row(
+        "calibration",
+        f"{calibration['samples']} × {calibration['seq_len']} tokens from {calibration['source']} "
+        f"({calibration['stream_tokens']:,} tokens of text)",
+    )
+    if report.perplexity_before is not None:
+        line = f"{report.perplexity_before:.3f} → {report.perplexity_after:.3f}"
+        if report.perplexity_magr is not None:
+            line = f"{report.perplexity_before:.3f} → {report.perplexity_magr:.3f} after MagR → "
+            line += f"{report.perplexity_after:.3f} quantized"
+        table.add_row(f"perplexity ({calibration['held_out_tokens']:,} held-out tokens)", line)
+    table.add_row("time", ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in report.seconds.items()))
+    return [table, f"wrote {report.output}" + (f" (GPTQModel's log: {report.log})" if report.log else "")]

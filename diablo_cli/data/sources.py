@@ -56,6 +56,24 @@ def load_rows(source: DatasetSource, split: str | None = None, *, local_hint: st
     return dataset
 
 
+def infer_source(path: str, *, local_hint: str | None = None) -> DatasetSource:
+    """A dataset in whichever training format its columns say (messages, prompt/completion, instruction, text),
+    so that `--task loss --data FILE` and `diablo quantize --calibration FILE` need no format flag."""
+    columns = set(load_rows(DatasetSource(path=str(path)), local_hint=local_hint).column_names)
+    for fmt, needed in (
+        ("chat", {"messages"}),
+        ("prompt_completion", {"prompt", "completion"}),
+        ("instruction", {"instruction", "output"}),
+        ("text", {"text"}),
+    ):
+        if needed <= columns:
+            return DatasetSource(path=str(path), format=fmt)
+    raise DiaBloError(
+        f"{path}: cannot tell its training format from its columns ({', '.join(sorted(columns))}); expected messages, "
+        "prompt + completion, instruction + output, or text"
+    )
+
+
 def source_label(source: DatasetSource) -> str:
     """How messages name a source: its preset, else its path."""
     return f"preset {source.preset!r}" if source.preset else repr(source.path)

@@ -532,7 +532,9 @@ def spec_from_name(
     if name.lower() == "loss":
         if data is None:
             raise DiaBloError("the loss task needs --data FILE (a dataset in any training format)")
-        return TaskSpec("loss", dataset=infer_source(data), loss=True)
+        from ..data.sources import infer_source
+
+        return TaskSpec("loss", dataset=infer_source(data, local_hint=LOCAL_HINT), loss=True)
     definition = builtin.get_task(name)
     dataset = DatasetSource(path=str(data)) if data is not None else None
     return TaskSpec(
@@ -564,26 +566,6 @@ def spec_from_recipe_task(task, max_length: int = 1024) -> TaskSpec:
         scoring=task.scoring,
         sampling=sampling,
         stop=tuple(task.stop),
-    )
-
-
-def infer_source(path: str) -> DatasetSource:
-    """A dataset file in whichever training format its columns say (messages, prompt/completion, instruction,
-    text), so that `--task loss --data FILE` needs no format flag."""
-    from ..data.sources import load_rows
-
-    columns = set(load_rows(DatasetSource(path=str(path)), local_hint=LOCAL_HINT).column_names)
-    for fmt, needed in (
-        ("chat", {"messages"}),
-        ("prompt_completion", {"prompt", "completion"}),
-        ("instruction", {"instruction", "output"}),
-        ("text", {"text"}),
-    ):
-        if needed <= columns:
-            return DatasetSource(path=str(path), format=fmt)
-    raise DiaBloError(
-        f"{path}: cannot tell its training format from its columns ({', '.join(sorted(columns))}); expected messages, "
-        "prompt + completion, instruction + output, or text"
     )
 
 

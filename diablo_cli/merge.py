@@ -35,7 +35,7 @@ from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv
 from .adapter.model import tied_parameter_names
 from .atomic import check_model_output_dir, move_into_place
 from .errors import DiaBloError
-from .models import TORCH_DTYPES, local_model_folder, model_class_for, skeleton_model
+from .models import TORCH_DTYPES, base_quantization, local_model_folder, model_class_for, skeleton_model
 
 log = logging.getLogger("diablo_cli")
 
@@ -140,7 +140,8 @@ def merge_adapter(
         raise DiaBloError(f"--dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
     base_dir = local_model_folder(base_name, revision=revision)
     base_config = _read_json(base_dir / "config.json")
-    quantized = _quantization_method(base_config)
+    quantization = base_quantization(base_config)
+    quantized = quantization["method"] if quantization else None
     out_dtype = _output_dtype(dtype, base_dir, base_config, quantized)
     report = MergeReport(output_dir, base_name, base_dir, _dtype_name(out_dtype), dequantized=quantized)
 
@@ -517,16 +518,6 @@ def checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:
         f"{base_dir} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})"
         + (f"; it has {pickles[0]}, and diablo-cli never unpickles weights" if pickles else "")
     )
-
-
-def _quantization_method(config: dict[str, Any]) -> str | None:
-    quantization = config.get("quantization_config")
-    if not quantization:
-        return None
-    method = quantization.get("quant_method", "quantized")
-    if method == "bitsandbytes":
-        method = "bnb-4bit" if quantization.get("load_in_4bit") else "bnb-8bit"
-    return str(method)
 
 
 def _output_dtype(requested: str | None, base_dir: Path, config: dict[str, Any], quantized: str | None) -> torch.dtype:

@@ -13,9 +13,16 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import DiaBloError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .recipe import QuantizationSection
 
 log = logging.getLogger("diablo_cli")
 
@@ -62,11 +69,16 @@ def load_base_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    quantization: QuantizationSection | None = None,
+    device: str | torch.device | None = None,
 ):
     """Load a causal LM (or a seq2seq model such as T5) and its tokenizer. Weights only from safetensors:
     nothing is unpickled.
 
-    ``dtype`` is fp32/bf16/fp16 (or a torch name); None keeps the checkpoint's own dtype.
+    ``dtype`` is fp32/bf16/fp16 (or a torch name); None keeps the checkpoint's own dtype. ``quantization`` is a
+    recipe's ``model.quantization`` (see :func:`quantized_loading`); a checkpoint that is already quantized
+    loads quantized without it. A quantized model is placed on ``device`` (default CPU) as it loads, since it
+    cannot be moved afterwards; a full-precision one stays on the CPU for the caller to move.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -78,15 +90,154 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         config = AutoConfig.from_pretrained(source, **kwargs)
         auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = auto_class.from_pretrained(
-            source, dtype=torch_dtype, use_safetensors=True, attn_implementation=attn_implementation, **kwargs
-        )
+        quantized = quantized_loading(name, config, quantization, dtype=torch_dtype, device=device)
+        with warnings.catch_warnings():  # transformers warns that the checkpoint's own quantization_config wins
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = auto_class.from_pretrained(
+                source,
+                dtype=torch_dtype,
+                use_safetensors=True,
+                attn_implementation=attn_implementation,
+                **quantized,
+                **kwargs,
+            )
     except (OSError, ValueError) as err:
         raise DiaBloError(_explain_load_failure(name, source, err)) from None
     from .data.prepare import ensure_pad_token
 
     ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+QUANTIZATION_EXTRAS = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum")}
+"""The optional packages each quantized kind of base needs, by the pip extra that brings them."""
+TRAINABLE_QUANTIZATION = ("gptq", "bnb-4bit", "bnb-8bit")
+"""The quantization methods (as :func:`base_quantization` names them) that adapters can train on."""
+
+
+def base_quantization(config) -> dict[str, Any] | None:
+    """A checkpoint's quantization as diablo-cli names it, from its config (a transformers config or the
+    config.json mapping): ``{"method": "gptq", "bits": 4, "group_size": 128}``, ``{"method": "bnb-4bit", "bits":
+    4, "quant_type": "nf4"}``, ``{"method": "bnb-8bit", "bits": 8}``; other methods keep their own name.
+    None for a full-precision checkpoint."""
+    if isinstance(config, dict):
+        found = config.get("quantization_config")
+    else:
+        found = getattr(config, "quantization_config", None)
+    if not found:
+        return None
+    settings = found if isinstance(found, dict) else found.to_dict()
+    method = settings.get("quant_method")
+    method = str(getattr(method, "value", method) or "unknown")
+    if method == "bitsandbytes":
+        if settings.get("load_in_4bit"):
+            return {"method": "bnb-4bit", "bits": 4, "quant_type": settings.get("bnb_4bit_quant_type", "fp4")}
+        return {"method": "bnb-8bit", "bits": 8}
+    return {"method": method} | {key: settings[key] for key in ("bits", "group_size") if settings.get(key) is not None}
+
+
+def quantized_loading(
+    name: str,
+    config,
+    quantization: QuantizationSection | None,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """The extra ``from_pretrained`` arguments a quantized base needs; {} for a full-precision one.
+
+    ``bnb-4bit``/``bnb-8bit`` quantize a full-precision checkpoint while it loads. A GPTQ checkpoint (with method
+    ``gptq``, or ``none``: a checkpoint loads as it was saved) always loads with GPTQModel's plain torch kernel,
+    whose backward is ordinary autograd; the kernel GPTQModel picks by itself on CPU stops passing gradients
+    after a forward pass without them (see diablo_cli/quantize/trainable.py). A method that contradicts the
+    checkpoint is an error, as is a missing optional package.
+
+    dtype ``auto`` keeps the checkpoint's dtype: bf16 for GPTQModel's checkpoints, the model's own for a
+    bitsandbytes load (also its default compute dtype). On CPU the torch GPTQ kernel runs fp32 too, and then
+    computes exactly with the dequantized weights (fp16 scales widen to fp32 without rounding).
+    """
+    saved = base_quantization(config)
+    method = quantization.method if quantization is not None else "none"
+    placement = {"device_map": {"": str(device or "cpu")}}  # quantized weights are placed as they load
+    if saved is None:
+        if method == "none":
+            return {}
+        if method == "gptq":
+            raise DiaBloError(
+                f"model.quantization.method gptq: {name} is not a GPTQ checkpoint (its config.json has no "
+                "quantization_config); quantize it first with diablo quantize, or use method bnb-4bit or bnb-8bit "
+                "to quantize it with bitsandbytes as it loads"
+            )
+        _require_extra("bnb", f"model.quantization.method {method}")
+        return {"quantization_config": _bitsandbytes_config(quantization, config, dtype), **placement}
+    saved_method = saved["method"]
+    if method not in ("none", saved_method):
+        raise DiaBloError(
+            f"model.quantization.method {method}: {name} is already quantized ({describe_quantization(saved)}); "
+            + (f"set method {saved_method} or none" if saved_method in TRAINABLE_QUANTIZATION else "set method none")
+            + " (none loads a checkpoint as it was saved)"
+        )
+    if saved_method == "gptq":
+        _require_extra("gptq", f"{name} is a GPTQ checkpoint and loading it")
+        bits = quantization.bits if quantization is not None else None
+        if bits is not None and bits != saved.get("bits"):
+            raise DiaBloError(f"model.quantization.bits {bits}: {name} is a {saved.get('bits')}-bit GPTQ checkpoint")
+        from transformers import GPTQConfig
+
+        return {"quantization_config": GPTQConfig(bits=saved["bits"], backend="torch"), **placement}
+    if saved_method in ("bnb-4bit", "bnb-8bit"):
+        _require_extra("bnb", f"{name} is a bitsandbytes checkpoint and loading it")
+        given = [key for key in ("quant_type", "double_quant", "compute_dtype") if getattr(quantization, key, None)]
+        if given:
+            raise DiaBloError(
+                f"model.quantization.{given[0]}: {name} is already quantized ({describe_quantization(saved)}) and "
+                "loads with its own settings; remove the option"
+            )
+        return placement
+    return {}  # another method: loaded as transformers loads it (training refuses it, see quantize/trainable.py)
+
+
+def describe_quantization(settings: dict[str, Any]) -> str:
+    """``GPTQ 4-bit, group 128`` / ``bitsandbytes 4-bit nf4`` / ``bitsandbytes 8-bit``: one base's quantization."""
+    method = settings["method"]
+    if method.startswith("bnb-"):
+        return " ".join(filter(None, ["bitsandbytes", f"{settings['bits']}-bit", settings.get("quant_type")]))
+    bits = f" {settings['bits']}-bit" if settings.get("bits") else ""
+    group = settings.get("group_size")
+    grouping = "" if group is None else (", one group per row" if group == -1 else f", group {group}")
+    return f"{method.upper() if method == 'gptq' else method}{bits}{grouping}"
+
+
+def _bitsandbytes_config(quantization: QuantizationSection, config, dtype):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization.method == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization.compute_dtype is not None:
+        compute = getattr(torch, TORCH_DTYPES.get(quantization.compute_dtype, quantization.compute_dtype))
+    elif isinstance(dtype, torch.dtype):
+        compute = dtype
+    else:  # "auto": the checkpoint's dtype
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        compute = getattr(torch, str(stored).removeprefix("torch."), None) if stored else None
+        compute = compute if isinstance(compute, torch.dtype) else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type or "nf4",
+        bnb_4bit_use_double_quant=True if quantization.double_quant is None else quantization.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _require_extra(extra: str, needed_by: str) -> None:
+    missing = [module for module in QUANTIZATION_EXTRAS[extra] if not _installed(module)]
+    if missing:
+        raise DiaBloError(f"{needed_by} needs {' and '.join(missing)}: pip install 'diablo-cli[{extra}]'")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 MODEL_FOLDER_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]

@@ -28,10 +28,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class QuantizationSection(_Section):
-    """Loading a quantized base (bitsandbytes 4/8-bit, GPTQ) arrives with its own issue; the slot is here."""
+_BNB_4BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype")
 
-    method: Literal["none"] = "none"
+
+class QuantizationSection(_Section):
+    """A quantized base under the adapters. ``bnb-4bit``/``bnb-8bit`` quantize a full-precision checkpoint with
+    bitsandbytes as it loads; ``gptq`` loads a GPTQ checkpoint (from `diablo quantize`, GPTQModel or
+    transformers). ``none`` loads the checkpoint as it was saved, so a GPTQ or bitsandbytes checkpoint still
+    loads quantized; a method names what the checkpoint must be (or become) and is checked against it."""
+
+    method: Literal["none", "bnb-4bit", "bnb-8bit", "gptq"] = "none"
+    quant_type: Literal["nf4", "fp4"] | None = None  # bnb-4bit; default nf4
+    double_quant: bool | None = None  # bnb-4bit: quantize the quantization constants too (QLoRA); default true
+    # bnb-4bit: the dtype its matmuls run in; default the model's dtype
+    compute_dtype: Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] | None = None
+    bits: int | None = Field(None, ge=2, le=8)  # gptq: a check, the checkpoint must have this many bits
+
+    @model_validator(mode="after")
+    def _options_fit_the_method(self) -> QuantizationSection:
+        for name in _BNB_4BIT_OPTIONS:
+            if getattr(self, name) is not None and self.method != "bnb-4bit":
+                raise ValueError(f"{name} applies to method bnb-4bit only (method is {self.method})")
+        if self.bits is not None and self.method != "gptq":
+            raise ValueError(f"bits checks a GPTQ checkpoint and applies to method gptq only (method is {self.method})")
+        return self
 
 
 class ModelSection(_Section):

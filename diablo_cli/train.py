@@ -27,6 +27,7 @@ from .atomic import write_text_atomic
 from .checkpoint import CHECKPOINTS, TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from .errors import DiaBloError, TrainingStopped
 from .models import load_base_model
+from .quantize.trainable import prepare_quantized_training
 from .recipe import Recipe
 from .report import parameter_table, plot_loss_curve, training_progress
 from .tracking import METRICS_FILE, MetricsLog, memory_in_use, read_metrics
@@ -75,7 +76,10 @@ def train(
         trust_remote_code=recipe.model.trust_remote_code,
         revision=recipe.model.revision,
         attn_implementation=recipe.model.attn_implementation,
+        quantization=recipe.model.quantization,
+        device=accelerator.device,
     )
+    quantized = prepare_quantized_training(model)  # before any forward pass: see quantize/trainable.py
     attach_diablo(model, recipe.adapter.to_config())
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -83,6 +87,8 @@ def train(
     report = parameter_report(model)
     if main:
         console.print(parameter_table(report, title=f"DiaBlo on {recipe.base_model}"))
+        if quantized is not None:
+            console.print(f"base: {quantized.describe()}")
 
     import datasets
 

@@ -190,11 +190,14 @@ def check_against_base(model: nn.Module, document: dict[str, Any], directory: Pa
 
 
 def _describe_base(model: nn.Module, override: str | None) -> dict[str, Any]:
+    from ..models import base_quantization
+
     config = getattr(model, "config", None)
     return {
         "name_or_path": override or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None),
         "architectures": getattr(config, "architectures", None) or [type(model).__name__],
         "model_type": getattr(config, "model_type", None),
+        "quantization": base_quantization(config) if config is not None else None,  # what the adapter trained on
     }
 
 

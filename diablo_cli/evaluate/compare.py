@@ -104,6 +104,7 @@ def run_evaluation(
     """
     from ..adapter import detach_diablo, load_adapter
     from ..models import load_base_model
+    from ..quantize.trainable import prepare_quantized_training
 
     settings = plan.settings
     result = EvalResult()
@@ -123,9 +124,13 @@ def run_evaluation(
 
     def load(name: str, dtype: str | None):
         log(f"loading {name}")
-        return load_base_model(
+        model, tokenizer = load_base_model(
             name, dtype=dtype, trust_remote_code=settings.trust_remote_code, revision=settings.revision
         )
+        # A quantized base keeps the kernels it trained with: bitsandbytes' CPU repacking would otherwise fail on
+        # shapes its kernel does not take, and the scores would come from other arithmetic than training's.
+        prepare_quantized_training(model)
+        return model, tokenizer
 
     shared_rows = [row for row in plan.rows if row.model is None]
     if shared_rows:

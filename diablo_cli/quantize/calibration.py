@@ -38,9 +38,7 @@ class CalibrationData:
 
     def batches(self, windows: list[torch.Tensor], batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
         """Model inputs, ``batch_size`` windows at a time (all windows are full: no padding, no mask needed)."""
-        return [
-            {"input_ids": torch.stack(windows[i : i + batch_size])} for i in range(0, len(windows), batch_size)
-        ]
+        return [{"input_ids": torch.stack(windows[i : i + batch_size])} for i in range(0, len(windows), batch_size)]
 
 
 def calibration_texts(name: str, tokenizer: Any) -> list[str]:

@@ -7,6 +7,8 @@ multiplies by. GPTQ layers must not have run an inference-only kernel first (see
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -108,3 +110,25 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
     layers = dequantized_layers(model, dtype)
     replace_layers(model, layers)
     return len(layers)
+
+
+def dequantized_weights(folder: str | Path, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """Every quantized layer of a saved model, dequantized to fp32 ``(out, in)`` and keyed by module path,
+    loaded the way training loads it (transformers, GPTQ on the autograd-friendly torch kernel) and read before
+    any forward pass could repack it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import quantized_loading
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        **quantized_loading(str(folder), config, None),
+    )
+    return {
+        name: dequantize_weight(module).contiguous()
+        for name, module in model.named_modules()
+        if quantization_kind(module) is not None
+    }

@@ -55,9 +55,7 @@ def check_gptqmodel() -> None:
 
     missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
     if missing:
-        raise DiaBloError(
-            f"GPTQ needs {' and '.join(missing)}, which is not installed: pip install 'diablo-cli[gptq]'"
-        )
+        raise DiaBloError(f"GPTQ needs {' and '.join(missing)}, which is not installed: pip install 'diablo-cli[gptq]'")
 
 
 def run_gptq(
@@ -139,7 +137,13 @@ def _child(job_path: str, progress_fd: int) -> None:
         config = RTNConfig(bits=job.bits, group_size=job.group_size, desc_act=False, sym=job.sym)
     else:
         config = QuantizeConfig(
-            bits=job.bits, group_size=job.group_size, desc_act=job.desc_act, sym=job.sym, damp_percent=job.damp_percent
+            bits=job.bits,
+            group_size=job.group_size,
+            desc_act=job.desc_act,
+            sym=job.sym,
+            damp_percent=job.damp_percent,
+            # GPTQModel's default group-aware ordering needs groups and excludes desc_act: on only where it applies.
+            act_group_aware=job.group_size > 0 and not job.desc_act,
         )
     model = GPTQModel.load(job.source_dir, config, device=job.device, trust_remote_code=job.trust_remote_code)
     finished: set[int] = set()
@@ -158,33 +162,10 @@ def _child(job_path: str, progress_fd: int) -> None:
     model.save(job.output_dir)
     del model
     if job.dequantized_file is not None:
+        from .dequantize import dequantized_weights
+
         save_file(dequantized_weights(job.output_dir, job.trust_remote_code), job.dequantized_file)
     events.close()
-
-
-def dequantized_weights(folder: str | Path, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
-    """Every quantized layer of a saved model, dequantized to fp32 ``(out, in)`` and keyed by module path,
-    loaded the way training loads it (transformers, GPTQ on the autograd-friendly torch kernel) and read before
-    any forward pass could repack it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .dequantize import dequantize_weight, quantization_kind
-
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    quantization = getattr(config, "quantization_config", None) or {}
-    kwargs = {}
-    if quantization.get("quant_method") == "gptq":
-        from transformers import GPTQConfig
-
-        kwargs["quantization_config"] = GPTQConfig(bits=quantization["bits"], backend="torch")
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
-    )
-    return {
-        name: dequantize_weight(module).contiguous()
-        for name, module in model.named_modules()
-        if quantization_kind(module) is not None
-    }
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from torch import nn
 from ..atomic import check_model_output_dir, move_into_place, write_text_atomic
 from ..errors import DiaBloError
 from .calibration import DEFAULT_CALIBRATION, build_calibration, perplexity
-from .gptq import GPTQ_BITS, GPTQJob, check_gptqmodel, dequantized_weights, run_gptq
+from .dequantize import dequantized_weights
+from .gptq import GPTQ_BITS, GPTQJob, check_gptqmodel, run_gptq
 
 METHODS = ("gptq", "rtn", "bnb-4bit")
 REPORT_FILE = "diablo_quantize.json"
@@ -233,6 +234,17 @@ def quantize_model(
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return report
+
+
+def read_quantize_report(folder: str | Path) -> QuantizeReport:
+    """The report ``diablo quantize`` left in a folder it wrote."""
+    path = Path(folder) / REPORT_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DiaBloError(f"cannot read {path}: {err}") from None
+    layers = [LayerReport(**layer) for layer in document.pop("layers", [])]
+    return QuantizeReport(**document, layers=layers)
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:

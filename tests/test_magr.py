@@ -45,6 +45,20 @@ def test_l1_projection_matches_bisection_and_stays_in_the_ball():
     torch.testing.assert_close(projected, expected, atol=1e-12, rtol=0)
 
 
+def test_l1_projection_on_wide_rows_matches_bisection_whatever_the_support_size():
+    """Rows wider than the first partial sort (16), with radii whose supports run from 1 entry to all 200: the
+    widening top-k path must give what the full definition gives."""
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn(60, 200, generator=generator, dtype=torch.float64)
+    rows[::7, :3] *= 25.0  # outliers: supports of one to three entries at small radii
+    radii = rows.abs().sum(dim=1) * torch.logspace(-4, 0, 60, dtype=torch.float64)
+    projected = project_l1_ball(rows, radii)
+    expected = torch.stack([_bisection_projection(row, float(r)) for row, r in zip(rows, radii, strict=True)])
+    torch.testing.assert_close(projected, expected, atol=1e-12, rtol=0)
+    supports = (projected != 0).sum(dim=1)
+    assert supports.min() <= 3 and supports.max() > 64  # every path taken: top-16, widened to 64, full sort
+
+
 def test_l1_projection_is_the_closest_point_of_the_ball():
     """Variational inequality ⟨v − p, q − p⟩ ≤ 0 for all q in the ball; its worst q is a vertex ±r·eᵢ."""
     rows, radii = _rows_with_radii(seed=1)

@@ -232,3 +232,50 @@ def test_refuses_a_non_empty_output_and_an_already_quantized_base(gptq_4bit, tin
         quantize_model(str(out), tmp_path / "again", **SMALL)
     assert not (tmp_path / "again").exists()
     assert not list(tmp_path.glob(".again-*"))  # no staging folder left behind
+
+
+# --- quantize → train → merge ---------------------------------------------------------------------------
+
+
+def test_quantize_train_merge_round_trip(gptq_4bit, tiny_fp, tmp_path):
+    """`diablo quantize`'s folder trains with `diablo train` (GPTQ recipe), and `diablo merge` dequantizes it
+    into a full-precision model whose logits equal the dequantized base plus the adapter."""
+    from diablo_cli.adapter import load_adapter
+
+    base, _ = gptq_4bit
+    recipe = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    settings = [
+        f"base_model={base}",
+        f"output.dir={tmp_path / 'adapter'}",
+        "model.quantization.method=gptq",
+        "model.quantization.bits=4",
+        "training.max_steps=4",
+        "training.eval_steps=2",
+        "training.save_steps=100",
+        "logging.progress=false",
+    ]
+    commands = [
+        ["train", str(recipe), *[part for setting in settings for part in ("--set", setting)]],
+        ["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged"), "--dtype", "fp32"],
+    ]
+    outputs = []
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "diablo_cli", *command], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.append(result.stdout)
+    assert "base: GPTQ 4-bit, group 32, kernel TorchLinear (trainable)" in outputs[0]
+    assert "dequantized" in outputs[1] and "verified" in outputs[1]
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_config
+
+    # Independently: the full-precision architecture with the dequantized weights, plus the adapter.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_fp, dtype=torch.float32)
+    with torch.no_grad():
+        for name, weight in dequantized_weights(base).items():
+            reference.get_submodule(name).weight.copy_(weight)
+    load_adapter(reference, tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference.eval()(input_ids=ids).logits, merged.eval()(input_ids=ids).logits
+    assert (expected - got).abs().max().item() < 1e-4

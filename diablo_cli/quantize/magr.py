@@ -39,6 +39,7 @@ CHANNEL_ALPHA = 1e-3
 GROUP_ALPHA = 1e-4
 ITERATIONS = 200
 POWER_ITERATIONS = 50
+TOP_K_START = 16  # entries sorted first when projecting onto an ℓ1 ball (widened as needed)
 
 
 @dataclass(frozen=True)
@@ -184,11 +185,20 @@ def _l1_projection_threshold(magnitudes: Tensor, radius: Tensor) -> Tensor:
 
     With ``u`` the magnitudes sorted in decreasing order and ``S_k`` their partial sums, the support size ρ is
     the largest ``k`` with ``u_k > (S_k − radius)/k``, and θ = ``(S_ρ − radius)/ρ``. At radius 0 no ``k``
-    qualifies and ρ = 1 gives θ = max |v|, the right answer.
+    qualifies and ρ = 1 gives θ = max |v|, the right answer. The qualifying ``k`` are exactly 1..ρ, so only
+    the largest few entries need sorting: MagR's small radii touch a handful per row, and a partial sort
+    (top-k, widened while some row's k-th entry still qualifies) costs a fraction of a full one.
     """
-    ordered = magnitudes.sort(dim=-1, descending=True).values
-    partial_sums = ordered.cumsum(dim=-1)
-    counts = torch.arange(1, ordered.shape[-1] + 1, device=ordered.device)
-    candidates = (partial_sums - radius) / counts.to(ordered.dtype)
-    support = torch.where(ordered > candidates, counts, 1).amax(dim=-1, keepdim=True)
+    width = magnitudes.shape[-1]
+    k = min(width, TOP_K_START)
+    while True:
+        ordered = magnitudes.topk(k, dim=-1).values if k < width else magnitudes.sort(dim=-1, descending=True).values
+        partial_sums = ordered.cumsum(dim=-1)
+        counts = torch.arange(1, k + 1, device=ordered.device)
+        candidates = (partial_sums - radius) / counts.to(ordered.dtype)
+        qualifies = ordered > candidates
+        if k == width or not bool(qualifies[..., -1].any()):
+            break
+        k = min(width, 4 * k)
+    support = torch.where(qualifies, counts, 1).amax(dim=-1, keepdim=True)
     return candidates.gather(-1, support - 1).clamp(min=0)

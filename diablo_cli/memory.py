@@ -67,6 +67,16 @@ QUANTIZED_BITS = {"none": None, "bnb-4bit": 4.127, "bnb-8bit": 8.0, "gptq-4bit":
 """Bits per linear weight, storage overhead included (NF4 with double-quantised scales; GPTQ group 128)."""
 
 
+def packed_weight_bits(settings: dict) -> float:
+    """Bits per packed linear weight of a base quantized as ``settings`` says (``models.base_quantization``):
+    bitsandbytes as above; GPTQ its bits plus an fp16 scale and a packed zero point per group."""
+    method = settings["method"]
+    if method in ("bnb-4bit", "bnb-8bit"):
+        return QUANTIZED_BITS[method]
+    group = settings.get("group_size") or 128
+    return settings.get("bits", 4) + (32 / group if group > 0 else 0)
+
+
 @dataclass
 class AdapterMemory:
     """Training memory of one adapter choice, by part, in bytes; ``checkpointed`` with gradient checkpointing."""

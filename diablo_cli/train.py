@@ -26,7 +26,7 @@ from .adapter import attach_diablo, parameter_report, save_adapter
 from .atomic import write_text_atomic
 from .checkpoint import CHECKPOINTS, TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from .errors import DiaBloError, TrainingStopped
-from .models import load_base_model
+from .models import base_quantization, load_base_model
 from .quantize.trainable import prepare_quantized_training
 from .recipe import Recipe
 from .report import parameter_table, plot_loss_curve, training_progress
@@ -595,8 +595,9 @@ def show_plan(recipe: Recipe, console: Console):
     from rich.syntax import Syntax
     from transformers import AutoConfig, AutoTokenizer
 
-    from .memory import estimate_training_memory
-    from .models import resolve_model, skeleton_model
+    from .memory import estimate_training_memory, packed_weight_bits
+    from .models import describe_quantization, resolve_model, skeleton_model
+    from .quantize.pipeline import quantized_layer_names
 
     console.print(Syntax(recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
     source = resolve_model(recipe.base_model)
@@ -609,6 +610,8 @@ def show_plan(recipe: Recipe, console: Console):
 
         raise DiaBloError(_explain_load_failure(recipe.base_model, source, err)) from None
     model = skeleton_model(config, **kwargs)
+    packed = _planned_quantization(recipe, config)
+    linear_parameters = sum(model.get_submodule(name).weight.numel() for name in quantized_layer_names(model))
     attach_diablo(model, recipe.adapter.to_config())
     report = parameter_report(model)
     console.print(parameter_table(report, title=f"DiaBlo on {recipe.base_model}"))
@@ -623,11 +626,31 @@ def show_plan(recipe: Recipe, console: Console):
         seq_len=recipe.data.max_length,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
+    if packed is not None:
+        unpacked = report.base - linear_parameters
+        estimate.weights = unpacked * estimate.weights / max(report.base, 1) + linear_parameters * (
+            packed_weight_bits(packed) / 8
+        )
+        console.print(f"base: {describe_quantization(packed)} ({linear_parameters:,} packed weights)")
     console.print(
         f"memory at micro batch {recipe.training.micro_batch_size} × {recipe.data.max_length} tokens: "
         + estimate.describe()
     )
     return tokenizer
+
+
+def _planned_quantization(recipe: Recipe, config) -> dict[str, Any] | None:
+    """The base's quantization as training will load it: the checkpoint's own, else what the recipe asks
+    bitsandbytes to do while loading."""
+    saved = base_quantization(config)
+    if saved is not None:
+        return saved
+    section = recipe.model.quantization
+    if section.method == "bnb-4bit":
+        return {"method": "bnb-4bit", "bits": 4, "quant_type": section.quant_type or "nf4"}
+    if section.method == "bnb-8bit":
+        return {"method": "bnb-8bit", "bits": 8}
+    return None
 
 
 def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2) -> None:

@@ -298,3 +298,22 @@ def test_recipe_quantization_errors_are_one_line(quantization, message):
     with pytest.raises(DiaBloError) as caught:
         validate_recipe(raw)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_dry_run_shows_the_quantized_base_and_counts_packed_weights(gptq_4bit_dir, quantizable_llama_dir):
+    """`diablo train --dry-run` on a GPTQ base names it and counts the weights its estimate takes as packed
+    (every linear layer but the head)."""
+    from diablo_cli.quantize.pipeline import quantized_layer_names
+    from diablo_cli.train import dry_run
+
+    outputs = {}
+    for name, base in (("gptq", gptq_4bit_dir), ("fp32", quantizable_llama_dir)):
+        recipe = load_recipe(TINY, [f"base_model={base}", "model.dtype=fp32"])
+        console = Console(file=io.StringIO(), width=300)
+        dry_run(recipe, console=console, examples=1)
+        outputs[name] = console.file.getvalue()
+    model = load_base_model(str(quantizable_llama_dir))[0]
+    linear = sum(model.get_submodule(name).weight.numel() for name in quantized_layer_names(model))
+    assert linear == 3 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 192)
+    assert f"base: GPTQ 4-bit, group 32 ({linear:,} packed weights)" in outputs["gptq"]
+    assert "\nbase: " not in outputs["fp32"] and "packed weights" not in outputs["fp32"]

@@ -7,6 +7,7 @@ once from its config as an ordinary fp32 model and cached as a Hugging Face fold
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import importlib.util
 import logging
@@ -91,7 +92,9 @@ def load_base_model(
         config = AutoConfig.from_pretrained(source, **kwargs)
         auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         quantized = quantized_loading(name, config, quantization, dtype=torch_dtype, device=device)
-        with warnings.catch_warnings():  # transformers warns that the checkpoint's own quantization_config wins
+        loud = "quantization_config" in quantized and base_quantization(config) is not None  # GPTQModel loads
+        with warnings.catch_warnings(), captured_output(log) if loud else contextlib.nullcontext():
+            # transformers warns that the checkpoint's own quantization_config wins: it does, as intended
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model = auto_class.from_pretrained(
                 source,
@@ -107,6 +110,36 @@ def load_base_model(
 
     ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def captured_output(logger: logging.Logger):
+    """Route everything written to the process's stdout and stderr (file descriptors 1 and 2, so C code and
+    loggers holding their own stream handles too) into ``logger`` at debug level while the body runs.
+
+    GPTQModel prints a banner and a dozen INFO lines from its import and every model load, bypassing Python's
+    logging levels; a training report should not open with them."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace").strip()
+            if text:
+                logger.debug("captured while loading:\n%s", text)
 
 
 QUANTIZATION_EXTRAS = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum")}

@@ -4,6 +4,7 @@ loads, the report's numbers against an independent computation, MagR's effect on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from conftest import requires
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diablo_cli.errors import DiaBloError
+from diablo_cli.models import load_base_model
 from diablo_cli.quantize.calibration import PYTHON_DOCS, build_calibration, calibration_texts, perplexity
-from diablo_cli.quantize.dequantize import dequantized_weights
+from diablo_cli.quantize.dequantize import dequantize_model, dequantized_weights
 from diablo_cli.quantize.pipeline import (
     REPORT_FILE,
     QuantizeReport,
@@ -237,7 +239,7 @@ def test_refuses_a_non_empty_output_and_an_already_quantized_base(gptq_4bit, tin
 # --- quantize → train → merge ---------------------------------------------------------------------------
 
 
-def test_quantize_train_merge_round_trip(gptq_4bit, tiny_fp, tmp_path):
+def test_quantize_train_merge_round_trip(gptq_4bit, tmp_path):
     """`diablo quantize`'s folder trains with `diablo train` (GPTQ recipe), and `diablo merge` dequantizes it
     into a full-precision model whose logits equal the dequantized base plus the adapter."""
     from diablo_cli.adapter import load_adapter
@@ -268,14 +270,36 @@ def test_quantize_train_merge_round_trip(gptq_4bit, tiny_fp, tmp_path):
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in merged_config
 
-    # Independently: the full-precision architecture with the dequantized weights, plus the adapter.
-    reference = AutoModelForCausalLM.from_pretrained(tiny_fp, dtype=torch.float32)
-    with torch.no_grad():
-        for name, weight in dequantized_weights(base).items():
-            reference.get_submodule(name).weight.copy_(weight)
+    # Independently of merge's arithmetic: the GPTQ folder loaded as training loads it, in fp32, each quantized
+    # layer swapped for its dequantized twin (the folder's own embeddings and norms kept), plus the adapter.
+    reference = load_base_model(str(base), dtype="fp32")[0]
+    dequantize_model(reference, torch.float32)
     load_adapter(reference, tmp_path / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = reference.eval()(input_ids=ids).logits, merged.eval()(input_ids=ids).logits
     assert (expected - got).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_real_model_gptq_4bit_then_training_on_it(smollm2_dir, tmp_path):
+    """The done-when path on the real small model, cut short: GPTQ 4-bit with MagR on SmolLM2-135M, then a few
+    `diablo train` steps of the quickstart recipe on the packed base."""
+    out = tmp_path / "smollm2-gptq4"
+    report = quantize_model(
+        str(smollm2_dir), out, method="gptq", bits=4, group_size=128, magr=True, magr_iterations=20,
+        samples=4, seq_len=256, evaluate=True,
+    )  # fmt: skip
+    assert len(report.layers) == 210 and report.size_after_bytes < report.size_before_bytes / 4
+    assert report.error_summary()["mean"] < 0.1
+    assert report.perplexity_before < report.perplexity_after < 2 * report.perplexity_before
+    recipe = Path(__file__).parents[1] / "configs" / "quickstart-gptq.yaml"
+    settings = [f"base_model={out}", f"output.dir={tmp_path / 'run'}", "training.max_steps=3", "eval.tasks=[]"]
+    command = ["train", str(recipe), *[part for setting in settings for part in ("--set", setting)]]
+    wide = {**os.environ, "COLUMNS": "200"}  # Rich wraps at 80 columns without a terminal
+    result = subprocess.run([sys.executable, "-m", "diablo_cli", *command], capture_output=True, text=True, env=wide)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "base: GPTQ 4-bit, group 128, kernel TorchLinear (trainable), 210 quantized layers" in result.stdout
+    assert "GPT-QModel" not in result.stdout + result.stderr  # its banner is captured, not printed
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

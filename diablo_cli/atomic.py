@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,14 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file this project (or a checkpoint it reads) wrote; a one-line error naming it otherwise."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DiaBloError(f"cannot read {path}: {err}") from None
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:

@@ -67,6 +67,11 @@ QUANTIZED_BITS = {"none": None, "bnb-4bit": 4.127, "bnb-8bit": 8.0, "gptq-4bit":
 """Bits per linear weight, storage overhead included (NF4 with double-quantised scales; GPTQ group 128)."""
 
 
+def packed_weights_bytes(base_parameters: int, linear_parameters: int, dtype: str, bits: float) -> float:
+    """A quantized base's weights: its linear layers at ``bits`` each, everything else as ``dtype`` stores it."""
+    return (base_parameters - linear_parameters) * _BYTES.get(dtype, 4) + linear_parameters * bits / 8
+
+
 def packed_weight_bits(settings: dict) -> float:
     """Bits per packed linear weight of a base quantized as ``settings`` says (``models.base_quantization``):
     bitsandbytes as above; GPTQ its bits plus an fp16 scale and a packed zero point per group."""
@@ -142,7 +147,7 @@ def compare_adapter_memory(
     bits = QUANTIZED_BITS[quantization]
     weights = plain.weights
     if bits is not None:
-        weights = (base_parameters - linear_parameters) * _BYTES.get(dtype, 4) + linear_parameters * bits / 8
+        weights = packed_weights_bytes(base_parameters, linear_parameters, dtype, bits)
     tokens = batch * seq_len
     adapter_bytes = _BYTES.get(adapter_dtype, 4)
     layers = max(1, getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 1))

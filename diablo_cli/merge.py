@@ -33,9 +33,16 @@ from .adapter import adapters_disabled, load_adapter, merge_diablo, read_adapter
 from .adapter.files import WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
 from .adapter.model import tied_parameter_names
-from .atomic import check_model_output_dir, move_into_place
+from .atomic import check_model_output_dir, move_into_place, read_json
 from .errors import DiaBloError
-from .models import TORCH_DTYPES, base_quantization, local_model_folder, model_class_for, skeleton_model
+from .models import (
+    TORCH_DTYPES,
+    base_quantization,
+    compute_device,
+    load_model_folder,
+    local_model_folder,
+    skeleton_model,
+)
 
 log = logging.getLogger("diablo_cli")
 
@@ -139,7 +146,7 @@ def merge_adapter(
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise DiaBloError(f"--dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
     base_dir = local_model_folder(base_name, revision=revision)
-    base_config = _read_json(base_dir / "config.json")
+    base_config = read_json(base_dir / "config.json")
     quantization = base_quantization(base_config)
     quantized = quantization["method"] if quantization else None
     out_dtype = _output_dtype(dtype, base_dir, base_config, quantized)
@@ -314,7 +321,7 @@ def verify_merge(adapter_dir: Path, base_dir: Path, merged_dir: Path, dtype: tor
 
     Both run in fp32 (the merged weights upcast exactly), so activation rounding does not blur the
     comparison: what remains is the one rounding of the merged weights to ``dtype``."""
-    reference = _load_folder(base_dir, torch.float32)
+    reference = load_model_folder(base_dir, torch.float32)
     load_adapter(reference, adapter_dir)
     outputs = reference_outputs(reference, dtype)
     del reference
@@ -351,7 +358,7 @@ def reference_outputs(model, dtype: torch.dtype) -> ReferenceOutputs:
 
 def compare_with_folder(reference: ReferenceOutputs, merged_dir: Path, dtype: torch.dtype) -> Verification:
     """Load ``merged_dir`` as any user would (plain transformers; weights upcast to fp32) and score it."""
-    merged = _load_folder(merged_dir, torch.float32)
+    merged = load_model_folder(merged_dir, torch.float32)
     with torch.no_grad():
         actual = merged(**reference.probe).logits.float().cpu()
     expected = reference.expected
@@ -384,7 +391,7 @@ def merge_in_memory(
     from .adapter import adapted_layers
     from .quantize import dequantized_layers, replace_layers
 
-    model = _load_folder(base_dir, None)
+    model = load_model_folder(base_dir, None)
     load_adapter(model, adapter_dir)
     dense = dequantized_layers(model, torch.float32)  # before any forward pass (see dequantized_layers)
     if verify:
@@ -493,18 +500,11 @@ def _check_output_dir(output_dir: Path, adapter_dir: Path, *, overwrite: bool) -
     check_model_output_dir(output_dir, overwrite=overwrite)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DiaBloError(f"cannot read {path}: {err}") from None
-
-
 def checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:
     """The base's safetensors files in order and every tensor key they hold (headers only)."""
     index_path = base_dir / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map") or {}
+        weight_map = read_json(index_path).get("weight_map") or {}
         shards = [base_dir / name for name in dict.fromkeys(weight_map.values())]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
@@ -577,21 +577,6 @@ def _copy_side_files(base_dir: Path, adapter_dir: Path, out: Path) -> None:
                 shutil.copyfile(adapter_dir / name, out / name)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _load_folder(folder: Path, dtype: torch.dtype | None):
-    """A model folder loaded the way a user would, from safetensors, on the GPU when there is one."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    model = model_class_for(config).from_pretrained(folder, dtype=dtype or "auto", use_safetensors=True)
-    if getattr(model.config, "quantization_config", None) is None:  # quantized loads place themselves
-        model.to(_device())
-    return model.eval()
-
-
 def _probe_inputs(config) -> dict[str, torch.Tensor]:
     """A fixed batch of token ids spread over the vocabulary (seeded: every run probes the same)."""
     vocab = getattr(config, "vocab_size", None) or 1000
@@ -600,4 +585,4 @@ def _probe_inputs(config) -> dict[str, torch.Tensor]:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(0, vocab, PROBE_SHAPE, generator=generator)
-    return {name: tensor.to(_device()) for name, tensor in inputs.items()}
+    return {name: tensor.to(compute_device()) for name, tensor in inputs.items()}

@@ -201,7 +201,7 @@ def quantized_loading(
                 "quantization_config); quantize it first with diablo quantize, or use method bnb-4bit or bnb-8bit "
                 "to quantize it with bitsandbytes as it loads"
             )
-        _require_extra("bnb", f"model.quantization.method {method}")
+        require_extra("bnb", f"model.quantization.method {method}")
         return {"quantization_config": _bitsandbytes_config(quantization, config, dtype), **placement}
     saved_method = saved["method"]
     if method not in ("none", saved_method):
@@ -211,7 +211,7 @@ def quantized_loading(
             + " (none loads a checkpoint as it was saved)"
         )
     if saved_method == "gptq":
-        _require_extra("gptq", f"{name} is a GPTQ checkpoint and loading it")
+        require_extra("gptq", f"{name} is a GPTQ checkpoint and loading it")
         bits = quantization.bits if quantization is not None else None
         if bits is not None and bits != saved.get("bits"):
             raise DiaBloError(f"model.quantization.bits {bits}: {name} is a {saved.get('bits')}-bit GPTQ checkpoint")
@@ -219,7 +219,7 @@ def quantized_loading(
 
         return {"quantization_config": GPTQConfig(bits=saved["bits"], backend="torch"), **placement}
     if saved_method in ("bnb-4bit", "bnb-8bit"):
-        _require_extra("bnb", f"{name} is a bitsandbytes checkpoint and loading it")
+        require_extra("bnb", f"{name} is a bitsandbytes checkpoint and loading it")
         given = [key for key in ("quant_type", "double_quant", "compute_dtype") if getattr(quantization, key, None)]
         if given:
             raise DiaBloError(
@@ -263,7 +263,8 @@ def _bitsandbytes_config(quantization: QuantizationSection, config, dtype):
     )
 
 
-def _require_extra(extra: str, needed_by: str) -> None:
+def require_extra(extra: str, needed_by: str) -> None:
+    """A one-line error naming the pip extra when a package it brings is missing."""
     missing = [module for module in QUANTIZATION_EXTRAS[extra] if not _installed(module)]
     if missing:
         raise DiaBloError(f"{needed_by} needs {' and '.join(missing)}: pip install 'diablo-cli[{extra}]'")
@@ -289,6 +290,27 @@ def local_model_folder(name: str, *, revision: str | None = None) -> Path:
         return Path(snapshot_download(source, revision=revision, allow_patterns=MODEL_FOLDER_FILES))
     except Exception as err:  # offline, gated, missing, bad id: all end in the same advice
         raise DiaBloError(_explain_load_failure(name, source, err)) from None
+
+
+def compute_device() -> str:
+    """Where diablo-cli runs models: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model_folder(folder: Path, dtype: torch.dtype | None, *, trust_remote_code: bool = False):
+    """A model folder loaded the way a user would, from safetensors, on the GPU when there is one, in eval
+    mode; ``dtype`` None keeps the checkpoint's."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = model_class_for(config).from_pretrained(
+        folder, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if getattr(model.config, "quantization_config", None) is None:  # quantized loads place themselves
+        model.to(compute_device())
+    return model.eval()
 
 
 def model_class_for(config):

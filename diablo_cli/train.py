@@ -595,7 +595,7 @@ def show_plan(recipe: Recipe, console: Console):
     from rich.syntax import Syntax
     from transformers import AutoConfig, AutoTokenizer
 
-    from .memory import estimate_training_memory, packed_weight_bits
+    from .memory import estimate_training_memory, packed_weight_bits, packed_weights_bytes
     from .models import describe_quantization, resolve_model, skeleton_model
     from .quantize.pipeline import quantized_layer_names
 
@@ -627,10 +627,7 @@ def show_plan(recipe: Recipe, console: Console):
         gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
     if packed is not None:
-        unpacked = report.base - linear_parameters
-        estimate.weights = unpacked * estimate.weights / max(report.base, 1) + linear_parameters * (
-            packed_weight_bits(packed) / 8
-        )
+        estimate.weights = packed_weights_bytes(report.base, linear_parameters, base_dtype, packed_weight_bits(packed))
         console.print(f"base: {describe_quantization(packed)} ({linear_parameters:,} packed weights)")
     console.print(
         f"memory at micro batch {recipe.training.micro_batch_size} × {recipe.data.max_length} tokens: "

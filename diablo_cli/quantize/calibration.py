@@ -68,14 +68,19 @@ def _dataset_texts(name: str, tokenizer: Any) -> list[str]:
     return [render_example(row, source, tokenizer).text for row in rows]
 
 
+def check_windows(samples: int, seq_len: int) -> None:
+    """Refuse window settings that leave nothing to calibrate on (checked before any model is loaded)."""
+    if samples < 1 or seq_len < 8:
+        raise DiaBloError(f"--samples {samples} / --seq-len {seq_len}: at least 1 sample of at least 8 tokens")
+
+
 def build_calibration(
     name: str, tokenizer: Any, *, samples: int, seq_len: int, seed: int = 0, held_out: bool = True
 ) -> CalibrationData:
     """``samples`` windows of ``seq_len`` tokens from the source's text (joined by the tokenizer's end-of-text
     token), as GPTQ's reference recipe draws them: random offsets into one long stream. The last 10% of the
     stream is kept out of calibration for the perplexity check."""
-    if samples < 1 or seq_len < 8:
-        raise DiaBloError(f"--samples {samples} --seq-len {seq_len}: need at least 1 sample of at least 8 tokens")
+    check_windows(samples, seq_len)
     texts = calibration_texts(name, tokenizer)
     separator = tokenizer.eos_token or "\n\n"
     stream = tokenizer(separator.join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]

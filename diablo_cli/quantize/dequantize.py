@@ -78,16 +78,21 @@ def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     return dense
 
 
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every quantized linear layer by path (the bases inside DiaBlo layers included)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if not isinstance(module, DiaBloLinear) and quantization_kind(module) is not None
+    }
+
+
 def dequantized_layers(model: nn.Module, dtype: torch.dtype) -> dict[str, nn.Linear]:
     """A dense stand-in for every quantized linear layer (also those inside DiaBlo layers), by path.
 
     Call it before the model runs: bitsandbytes' CPU kernel repacks 4-bit weights on the first forward.
     """
-    return {
-        name: dequantize_linear(module, dtype)
-        for name, module in model.named_modules()
-        if not isinstance(module, DiaBloLinear) and quantization_kind(module) is not None
-    }
+    return {name: dequantize_linear(module, dtype) for name, module in quantized_layers(model).items()}
 
 
 def replace_layers(model: nn.Module, layers: dict[str, nn.Module]) -> None:
@@ -127,8 +132,4 @@ def dequantized_weights(folder: str | Path, trust_remote_code: bool = False) -> 
         trust_remote_code=trust_remote_code,
         **quantized_loading(str(folder), config, None),
     )
-    return {
-        name: dequantize_weight(module).contiguous()
-        for name, module in model.named_modules()
-        if quantization_kind(module) is not None
-    }
+    return {name: dequantize_weight(module).contiguous() for name, module in quantized_layers(model).items()}

@@ -49,15 +49,6 @@ class GPTQJob:
     dequantized_file: str | None = None  # also write every quantized layer's dequantized fp32 weight here
 
 
-def check_gptqmodel() -> None:
-    """A one-line error naming the extra when GPTQModel (or optimum, which it needs) is missing."""
-    import importlib.util
-
-    missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise DiaBloError(f"GPTQ needs {' and '.join(missing)}, which is not installed: pip install 'diablo-cli[gptq]'")
-
-
 def run_gptq(
     job: GPTQJob,
     windows: list[torch.Tensor] | None,
@@ -70,7 +61,6 @@ def run_gptq(
 
     When the child fails: a DiaBloError with the log's telling line, the whole log copied to ``failure_log``
     (the output folder is a staging folder that the caller removes)."""
-    check_gptqmodel()
     progress = progress or (lambda phase, done, total: None)
     job.source_dir = str(Path(job.source_dir).resolve())  # the child runs in a scratch working directory
     job.output_dir = str(Path(job.output_dir).resolve())

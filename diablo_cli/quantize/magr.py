@@ -97,7 +97,7 @@ def magr(
     if weight.dim() != 2 or tuple(gram.shape) != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} and gram {tuple(gram.shape)} do not fit (out, in), (in, in)")
     if alpha is None:
-        alpha = CHANNEL_ALPHA if group_size is None else GROUP_ALPHA
+        alpha = default_alpha(group_size)
     if alpha < 0 or iterations < 0:
         raise ValueError(f"alpha ({alpha}) and iterations ({iterations}) must not be negative")
     if group_size is not None and group_size < 1:
@@ -113,6 +113,11 @@ def magr(
         stepped = current - (current - original) @ normalized
         current = _prox_by_unit(stepped, alpha, group_size)
     return current.to(weight.dtype)
+
+
+def default_alpha(group_size: int | None) -> float:
+    """The paper's α: 1e-3 per output channel, 1e-4 per quantization group."""
+    return CHANNEL_ALPHA if group_size is None else GROUP_ALPHA
 
 
 def magr_stats(weight: Tensor, new_weight: Tensor, gram: Tensor, *, group_size: int | None = None) -> MagRStats:

@@ -24,17 +24,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import check_model_output_dir, move_into_place, write_text_atomic
+from ..atomic import check_model_output_dir, move_into_place, read_json, write_text_atomic
 from ..errors import DiaBloError
-from .calibration import DEFAULT_CALIBRATION, build_calibration, perplexity
+from ..models import require_extra
+from .calibration import DEFAULT_CALIBRATION, build_calibration, check_windows, perplexity
 from .dequantize import dequantized_weights
-from .gptq import GPTQ_BITS, GPTQJob, check_gptqmodel, run_gptq
+from .gptq import GPTQ_BITS, GPTQJob, run_gptq
+from .magr import default_alpha, magr_stats
+from .magr import magr as reduce_magnitudes  # `magr` is also quantize_model's flag
 
 METHODS = ("gptq", "rtn", "bnb-4bit")
 REPORT_FILE = "diablo_quantize.json"
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block: MagR's ℓ∞ groups match it
-MAGR_ALPHA_PER_CHANNEL = 1e-3  # the MagR paper's defaults (per-channel / per-group quantization)
-MAGR_ALPHA_PER_GROUP = 1e-4
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -172,7 +173,7 @@ def quantize_model(
         magr_stats: dict[str, tuple[float, float, float]] = {}
         if magr:
             magr_group = _magr_group_size(method, group_size)
-            alpha = magr_alpha if magr_alpha is not None else _default_magr_alpha(magr_group)
+            alpha = magr_alpha if magr_alpha is not None else default_alpha(magr_group)
             report.magr = {"alpha": alpha, "iterations": magr_iterations, "group_size": magr_group}
             magr_stats = _apply_magr(model, grams, alpha, magr_iterations, magr_group, progress)
             clock.lap("MagR")
@@ -238,11 +239,7 @@ def quantize_model(
 
 def read_quantize_report(folder: str | Path) -> QuantizeReport:
     """The report ``diablo quantize`` left in a folder it wrote."""
-    path = Path(folder) / REPORT_FILE
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DiaBloError(f"cannot read {path}: {err}") from None
+    document = read_json(Path(folder) / REPORT_FILE)
     layers = [LayerReport(**layer) for layer in document.pop("layers", [])]
     return QuantizeReport(**document, layers=layers)
 
@@ -269,7 +266,7 @@ def _check_options(
     if method not in METHODS:
         raise DiaBloError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if method in ("gptq", "rtn"):
-        check_gptqmodel()
+        require_extra("gptq", f"--method {method}")
         if bits not in GPTQ_BITS:
             raise DiaBloError(f"--bits {bits}: {method} takes {', '.join(map(str, GPTQ_BITS))}")
         if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
@@ -277,18 +274,14 @@ def _check_options(
     else:
         if bits != 4:
             raise DiaBloError(f"--bits {bits}: bnb-4bit is 4-bit; use --method gptq or rtn for other widths")
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise DiaBloError("bnb-4bit needs bitsandbytes, which is not installed: pip install 'diablo-cli[bnb]'")
+        require_extra("bnb", "--method bnb-4bit")
         if quant_type not in ("nf4", "fp4"):
             raise DiaBloError(f"--bnb-quant-type {quant_type!r}: nf4 or fp4")
         if compute_dtype not in ("fp32", "bf16", "fp16"):
             raise DiaBloError(f"--bnb-compute-dtype {compute_dtype!r}: fp32, bf16 or fp16")
     if magr_iterations < 1:
         raise DiaBloError(f"--magr-iterations {magr_iterations}: at least 1")
-    if samples < 1 or seq_len < 8:
-        raise DiaBloError(f"--samples {samples} / --seq-len {seq_len}: at least 1 sample of at least 8 tokens")
+    check_windows(samples, seq_len)
 
 
 def _magr_group_size(method: str, group_size: int) -> int | None:
@@ -296,10 +289,6 @@ def _magr_group_size(method: str, group_size: int) -> int | None:
     if method == "bnb-4bit":
         return BNB_BLOCK
     return None if group_size == -1 else group_size
-
-
-def _default_magr_alpha(group_size: int | None) -> float:
-    return MAGR_ALPHA_PER_CHANNEL if group_size is None else MAGR_ALPHA_PER_GROUP
 
 
 def _apply_magr(
@@ -311,20 +300,16 @@ def _apply_magr(
     progress: Progress,
 ) -> dict[str, tuple[float, float, float]]:
     """MagR on every layer in place; per layer: (output error of W', mean channel max |W| before, after)."""
-    from .grams import relative_output_error
-    from .magr import magr as reduce_magnitude
-
     stats = {}
     for index, (name, gram) in enumerate(grams.items()):
         progress("MagR: reducing weight magnitudes", index, len(grams))
-        layer = model.get_submodule(name)
-        weight = layer.weight.data
+        weight = model.get_submodule(name).weight.data
+        gram = gram.to(weight.device)
         ragged = group_size is not None and weight.shape[1] % group_size != 0
         group = None if ragged else group_size  # a ragged last group: per-channel for this layer
-        reduced = reduce_magnitude(weight, gram.to(weight.device), alpha=alpha, iterations=iterations, group_size=group)
-        before = weight.float().abs().amax(dim=1).mean().item()
-        after = reduced.float().abs().amax(dim=1).mean().item()
-        stats[name] = (relative_output_error(weight.float(), reduced.float(), gram.to(weight.device)), before, after)
+        reduced = reduce_magnitudes(weight, gram, alpha=alpha, iterations=iterations, group_size=group)
+        change = magr_stats(weight, reduced, gram)  # per channel: what the report shows
+        stats[name] = (change.output_error, change.mean_range_before, change.mean_range_after)
         weight.copy_(reduced)
     progress("MagR: reducing weight magnitudes", len(grams), len(grams))
     return stats
@@ -349,7 +334,7 @@ def _swap_in_dequantized(
                 continue
             weight = model.get_submodule(name).weight
             quantized = reader.get_tensor(name).to(weight.device)
-            error = relative_output_error(weight.detach().float(), quantized, gram.to(weight.device))
+            error = relative_output_error(weight, quantized, gram)
             magr_error, before, after = magr_stats.get(name, (None, None, None))
             reports.append(LayerReport(name, error, magr_error, before, after))
             with torch.no_grad():
@@ -361,21 +346,12 @@ def _swap_in_dequantized(
 
 def _load_full_precision(base_dir: Path, trust_remote_code: bool) -> nn.Module:
     """The base in fp32 on CPU (MagR and the statistics want full precision), in its own dtype on a GPU."""
-    from transformers import AutoConfig
+    from ..models import base_quantization, load_model_folder
 
-    from ..models import model_class_for
-
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    if getattr(config, "quantization_config", None):
+    if base_quantization(read_json(base_dir / "config.json")) is not None:
         raise DiaBloError(f"{base_dir} is already quantized; diablo quantize needs a full-precision base")
-    on_gpu = torch.cuda.is_available()
-    model = model_class_for(config).from_pretrained(
-        base_dir,
-        dtype="auto" if on_gpu else torch.float32,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    )
-    return model.to("cuda" if on_gpu else "cpu").eval()
+    dtype = None if torch.cuda.is_available() else torch.float32
+    return load_model_folder(base_dir, dtype, trust_remote_code=trust_remote_code)
 
 
 def _save_bnb_4bit(

@@ -24,10 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from ..adapter.layer import DiaBloLinear
 from ..errors import DiaBloError
 from ..models import TRAINABLE_QUANTIZATION, base_quantization, describe_quantization
-from .dequantize import quantization_kind
+from .dequantize import quantization_kind, quantized_layers
 
 _INFERENCE = "inference"  # GPTQModel's LinearMode.INFERENCE (a str enum)
 _TRAIN = "train"
@@ -45,15 +44,6 @@ class QuantizedBase:
         """``GPTQ 4-bit, group 128, kernel TorchLinear (trainable), 21 quantized layers``."""
         kernels = ", ".join(f"kernel {name} ({how})" for name, how in self.kernels.items())
         return f"{describe_quantization(self.settings)}, {kernels}, {self.layers} quantized layers"
-
-
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every quantized linear layer by path (the bases inside DiaBlo layers included)."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if not isinstance(module, DiaBloLinear) and quantization_kind(module) is not None
-    }
 
 
 def prepare_quantized_training(model: nn.Module) -> QuantizedBase | None:

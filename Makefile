@@ -30,4 +30,5 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m "not slow"
 
 bench: setup
-	$(PYTHON) benchmarks/layer_overhead.py
+	$(PYTHON) benchmarks/model_step.py --memory
+	$(PYTHON) benchmarks/layer_sweep.py

@@ -22,20 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import status_kib
+
 SETTINGS = [  # (label, extra CLI arguments)
     ("5GB shards, --no-verify", ["--max-shard-size", "5GB", "--no-verify"]),
     ("100MB shards, --no-verify", ["--max-shard-size", "100MB", "--no-verify"]),
     ("20MB shards, --no-verify", ["--max-shard-size", "20MB", "--no-verify"]),
     ("5GB shards, verified", ["--max-shard-size", "5GB"]),
 ]
-
-
-def status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def measure(adapter: Path, output: Path, extra: list[str]) -> dict[str, float]:
@@ -94,20 +89,30 @@ def main() -> None:
             for label, extra in SETTINGS:
                 results[label].append(measure(adapter, Path(scratch) / "merged", extra))
         floor = baseline_process_mib()
+        model_bytes = sum(f.stat().st_size for f in (Path(scratch) / "merged").glob("*.safetensors"))
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
         f"adapter: {adapter}; medians of {args.repeats} interleaved runs; importing the libraries alone: "
         f"{floor:,.0f} MiB anonymous"
     )
-    header = ("setting", "time (s)", "peak anon (MiB)", "above imports (MiB)", "peak RSS incl. file pages (MiB)")
+    header = (
+        "setting",
+        "time (s)",
+        "MB/s",
+        "peak anon (MiB)",
+        "above imports (MiB)",
+        "peak RSS incl. file pages (MiB)",
+    )
     rows = []
     for label, runs in results.items():
         anon = statistics.median(r["anon"] for r in runs)
+        seconds = statistics.median(r["seconds"] for r in runs)
         rows.append(
             (
                 label,
-                f"{statistics.median(r['seconds'] for r in runs):.1f}",
+                f"{seconds:.1f}",
+                f"{model_bytes / 1e6 / seconds:.0f}",
                 f"{anon:,.0f}",
                 f"{anon - floor:,.0f}",
                 f"{statistics.median(r['rss'] for r in runs):,.0f}",

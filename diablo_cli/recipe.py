@@ -72,6 +72,7 @@ class AdapterSection(_Section):
     blocks_by_module: dict[str, int] = Field(default_factory=dict)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dtype: str = "float32"
+    kernel: Literal["auto", "fold", "blocks"] = "auto"
 
     @model_validator(mode="after")
     def _check_with_diablo_config(self) -> AdapterSection:

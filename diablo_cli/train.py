@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from .adapter import attach_diablo, parameter_report, save_adapter
+from .adapter.model import describe_kernel
 from .atomic import write_text_atomic
 from .checkpoint import CHECKPOINTS, TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from .errors import DiaBloError, TrainingStopped
@@ -89,6 +90,7 @@ def train(
         console.print(parameter_table(report, title=f"DiaBlo on {recipe.base_model}"))
         if quantized is not None:
             console.print(f"base: {quantized.describe()}")
+        console.print(describe_kernel(model))
 
     import datasets
 

@@ -193,3 +193,29 @@ def test_real_model_training_loss_goes_down(tmp_path, smollm2_dir):
     losses = train_losses(result.output_dir)
     assert losses[10] < 0.5 * losses[2], losses
     assert "1,658,880 trainable of 134,515,008" in output.replace("\n", " ") or "1,658,880" in output
+
+
+def test_training_folds_by_default_and_learns_what_the_block_kernel_learns(tmp_path, monkeypatch):
+    """The default path is the fold kernel (every adapted layer's forward goes through it), and on the fp32
+    tiny recipe its losses and trained blocks equal the separate-product kernel's."""
+    from diablo_cli.adapter import kernels
+
+    calls = {"fold": 0}
+    original = kernels.FoldedLinear.apply
+
+    def counting(*args):
+        calls["fold"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(kernels.FoldedLinear, "apply", counting)
+    folded, output = run(tmp_path, "training.max_steps=4", name="fold")
+    assert "kernel: fold on all 21 layers" in output and calls["fold"] > 0
+    monkeypatch.setattr(kernels.FoldedLinear, "apply", original)
+    separate, output = run(tmp_path, "training.max_steps=4", "adapter.kernel=blocks", name="blocks")
+    assert "kernel: blocks on all 21 layers" in output
+    losses = train_losses(folded.output_dir)
+    assert losses == pytest.approx(train_losses(separate.output_dir), rel=1e-4)
+    a = load_file(folded.output_dir / "adapter_model.safetensors")
+    b = load_file(separate.output_dir / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)

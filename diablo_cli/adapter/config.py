@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import DiaBloError
+from .kernels import check_kernel
 
 MODULE_LETTERS = "QKVOGUD"
 """The paper's module letters: query, key, value, output, gate, up, down."""
@@ -47,7 +48,9 @@ class DiaBloConfig:
     the whole dotted path. ``layers`` restricts adaptation to an inclusive range of block indices
     (paper A.3.7). ``blocks_by_module`` overrides ``blocks`` for a letter or a module name, e.g.
     ``{"D": 128}``. ``dropout`` acts on the adapter branch only. ``dtype`` is the adapter's own dtype:
-    fp32 by default whatever the base's dtype (the paper's setting).
+    fp32 by default whatever the base's dtype (the paper's setting). ``kernel`` is how layers compute, not
+    what they learn: ``auto`` folds the blocks into dense float base weights during training (one extra
+    product per step instead of three, see :mod:`.kernels`), ``blocks`` keeps them separate everywhere.
     """
 
     blocks: int = 64
@@ -56,6 +59,7 @@ class DiaBloConfig:
     blocks_by_module: dict[str, int] = field(default_factory=dict)
     dropout: float = 0.0
     dtype: str = "float32"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         self.blocks = _check_block_count("blocks", self.blocks)
@@ -74,6 +78,7 @@ class DiaBloConfig:
             raise DiaBloError(f"dropout: {self.dropout!r} must be a number in [0, 1)")
         self.dropout = float(self.dropout)
         self.dtype = canonical_dtype(self.dtype)
+        self.kernel = check_kernel(self.kernel)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -121,11 +121,14 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return document
 
 
-def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, trainable: bool = False) -> nn.Module:
+def load_adapter(
+    base_model: nn.Module, path: str | os.PathLike, *, trainable: bool = False, kernel: str = "auto"
+) -> nn.Module:
     """Attach the adapter saved in ``path`` to ``base_model`` (in place) and return the model.
 
     Every recorded module must exist in the base with the recorded shape; the first that does not is
-    named in the error. ``trainable=True`` leaves the blocks requiring gradients (to continue training).
+    named in the error. ``trainable=True`` leaves the blocks requiring gradients (to continue training);
+    ``kernel`` is how the layers compute (see :class:`DiaBloConfig`).
     """
     directory = Path(path)
     document = read_adapter_config(directory)
@@ -155,7 +158,8 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, trainable: b
                 )
             tensors[target.name] = tensor
     dtype = ADAPTER_DTYPES[canonical_dtype(next(iter(tensors.values())).dtype)]
-    wrap_targets(base_model, targets, dropout=float(document.get("dropout") or 0.0), dtype=dtype, trainable=trainable)
+    dropout = float(document.get("dropout") or 0.0)
+    wrap_targets(base_model, targets, dropout=dropout, dtype=dtype, trainable=trainable, kernel=kernel)
     layers = adapted_layers(base_model)
     with torch.no_grad():
         for name, tensor in tensors.items():

@@ -4,6 +4,8 @@ Notation (torch layout): the base computes ``y = x W0ᵀ`` with ``W0`` of shape 
 holds ``D`` of shape ``(blocks, block_in, block_out)`` with ``block_in = ceil(in / blocks)`` and
 ``block_out = ceil(out / blocks)``; output slice ``j`` receives ``x[..., j*block_in:(j+1)*block_in] @ D[j]``.
 When ``blocks`` does not divide a dimension the input is zero-padded and the output truncated (paper §3.1).
+How the layer computes (folding the blocks into a dense base weight, or separate block products) is in
+``kernels``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DiaBloError
+from .kernels import FoldedLinear, block_diagonal_matmul, check_kernel, dense_update, diagonal_blocks
 
 ADAPTER_PARAMETER = "diablo_blocks"
 """Name of the trainable tensor inside each adapted layer, and the suffix of its key in adapter files."""
@@ -63,30 +65,6 @@ class BlockLayout:
         return sum(1 for b in range(self.blocks) if 0 in self.live_rows_cols(b))
 
 
-def block_diagonal_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x @ blockdiag(blocks)`` truncated to ``out_features`` columns, without building the dense matrix.
-
-    ``x`` has any leading shape and ``in_features`` as its last dimension; ``blocks`` is ``(N, d1, d2)``.
-    """
-    count, block_in, block_out = blocks.shape
-    padding = count * block_in - x.shape[-1]
-    if padding:
-        x = F.pad(x, (0, padding))
-    lead = x.shape[:-1]
-    y = torch.einsum("tnd,nde->tne", x.reshape(-1, count, block_in), blocks)
-    y = y.reshape(*lead, count * block_out)
-    return y[..., :out_features] if count * block_out != out_features else y
-
-
-def dense_update(blocks: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
-    """The merged weight delta ``blockdiag(blocks)ᵀ[:out, :in]`` in torch's ``(out, in)`` layout."""
-    count, block_in, block_out = blocks.shape
-    delta = blocks.new_zeros(count * block_out, count * block_in)
-    for j in range(count):
-        delta[j * block_out : (j + 1) * block_out, j * block_in : (j + 1) * block_in] = blocks[j].T
-    return delta[:out_features, :in_features]
-
-
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a linear-like module, or None if it is not one.
 
@@ -122,16 +100,35 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _unfold_before_saving(module: DiaBloLinear, prefix: str, keep_vars: bool) -> None:
+    module.unfold()
+
+
+def _unfold_before_loading(module: DiaBloLinear, *args) -> None:
+    module.unfold()  # the diagonal kept for W0 would otherwise overwrite what is loaded
+
+
 class DiaBloLinear(nn.Module):
     """A frozen linear-like ``base`` plus a trainable block-diagonal update, zero-initialised.
 
-    The forward pass calls ``base`` as it is and never reads its weight, so quantized bases (bitsandbytes,
-    GPTQ) work unchanged. The update runs in the adapter's dtype; inputs are cast in and the result cast
-    back to the base output's dtype, so a bf16/fp16 base trains fp32 blocks without autocast.
+    ``kernel`` picks how it computes (see :mod:`diablo_cli.adapter.kernels`): ``auto``/``fold`` add the
+    blocks into a dense float base's weight while the adapter is active, so the base's own matmuls carry the
+    update; everything else (quantized bases, block counts that do not divide the layer, adapter dropout
+    while training, a weight tied to another module) takes the ``blocks`` path, which calls ``base`` as it is
+    and never reads its weight. There the update runs in the adapter's dtype: inputs are cast in and the
+    result cast back to the base output's dtype, so a bf16/fp16 base trains fp32 blocks without autocast.
+    Whatever the path, ``base.weight`` reads as the original ``W0`` from outside: merging, detaching,
+    disabling the adapter and ``state_dict()`` restore it first.
     """
 
     def __init__(
-        self, base: nn.Module, blocks: int, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32
+        self,
+        base: nn.Module,
+        blocks: int,
+        *,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         features = linear_features(base)
@@ -141,8 +138,14 @@ class DiaBloLinear(nn.Module):
         self.layout = BlockLayout(*features, blocks)
         self.diablo_blocks = nn.Parameter(torch.zeros(self.layout.shape, dtype=dtype, device=_module_device(base)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.kernel = check_kernel(kernel)
         self.merged = False
         self.active = True  # False: behave as the bare base (see adapters_disabled)
+        self.shares_weight = False  # True: base.weight is tied to another module, never write into it
+        self._original_diagonal: torch.Tensor | None = None  # W0's diagonal blocks while folded
+        self._folded_version: tuple[int, int] | None = None  # (data_ptr, version) of the blocks folded in
+        self.register_state_dict_pre_hook(_unfold_before_saving)
+        self._register_load_state_dict_pre_hook(_unfold_before_loading, with_module=True)
 
     @property
     def in_features(self) -> int:
@@ -157,14 +160,68 @@ class DiaBloLinear(nn.Module):
         """The base's weight, for model code that inspects it (T5's feed-forward checks ``wo.weight.dtype``)."""
         return self.base.weight
 
+    @property
+    def folded(self) -> bool:
+        """True while the blocks live inside ``base.weight`` (the fold path)."""
+        return self._original_diagonal is not None
+
+    def can_fold(self, training: bool | None = None) -> bool:
+        """Whether the fold path applies (in training mode or not; default: the module's current mode): a plain
+        frozen float weight of its own, divisible dimensions, and no dropout to apply to the adapter branch alone."""
+        training = self.training if training is None else training
+        layout = self.layout
+        weight = getattr(self.base, "weight", None)
+        return (
+            self.kernel != "blocks"
+            and (type(self.base) is nn.Linear or is_conv1d(self.base))
+            and is_dense_float(self.base)
+            and not weight.requires_grad
+            and weight.device == self.diablo_blocks.device
+            and layout.in_features % layout.blocks == 0
+            and layout.out_features % layout.blocks == 0
+            and not (training and isinstance(self.dropout, nn.Dropout))
+            and not self.shares_weight
+            and not hasattr(self.base, "_hf_hook")  # accelerate offloading swaps weights in and out
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
         if self.merged or not self.active:
-            return y
+            self.unfold()
+            return self.base(x, *args, **kwargs)
+        if not args and not kwargs and self.can_fold():
+            self._fold()
+            return FoldedLinear.apply(x, self.base.weight, self.diablo_blocks, self.base, is_conv1d(self.base))
+        self.unfold()
+        y = self.base(x, *args, **kwargs)
         update = block_diagonal_matmul(
             self.dropout(x.to(self.diablo_blocks.dtype)), self.diablo_blocks, self.out_features
         )
         return y + update.to(y.dtype)
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Write ``W0 + D`` into the weight's diagonal blocks when the blocks changed since the last fold (the
+        optimizer's in-place step bumps their version): a copy the size of the adapter, not of the weight."""
+        blocks = self.diablo_blocks
+        stamp = (blocks.data_ptr(), blocks._version)
+        if stamp == self._folded_version:
+            return
+        diagonal = diagonal_blocks(self.base.weight, blocks, transposed=is_conv1d(self.base))
+        if self._original_diagonal is None:
+            self._original_diagonal = diagonal.clone()
+        diagonal.copy_(self._original_diagonal.float() + blocks.float())  # a merge's arithmetic
+        self._folded_version = stamp
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        """Put ``W0``'s diagonal blocks back, bit for bit; a no-op when not folded."""
+        if self._original_diagonal is None:
+            return
+        diagonal_blocks(self.base.weight, self.diablo_blocks, transposed=is_conv1d(self.base)).copy_(
+            self._original_diagonal
+        )
+        self._original_diagonal = None
+        self._folded_version = None
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` fp32 weight delta that merging adds to the base."""
@@ -173,6 +230,7 @@ class DiaBloLinear(nn.Module):
     def merge(self) -> None:
         """Fold the blocks into the base weight (arithmetic in fp32); forward then skips the adapter."""
         if not self.merged:
+            self.unfold()
             self._add_to_base(sign=1.0)
             self.merged = True
 
@@ -193,8 +251,10 @@ class DiaBloLinear(nn.Module):
     def untie_base_weight(self) -> None:
         """Give the base its own copy of a weight it shares with another module (a tied ``lm_head``), so
         that merging changes this layer and not the input embeddings too."""
+        self.unfold()
         weight = self.base.weight
         self.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.shares_weight = False
 
     def _add_to_base(self, sign: float) -> None:
         self.check_mergeable()
@@ -209,5 +269,5 @@ class DiaBloLinear(nn.Module):
         layout = self.layout
         return (
             f"in_features={layout.in_features}, out_features={layout.out_features}, blocks={layout.blocks}, "
-            f"block_in={layout.block_in}, block_out={layout.block_out}, merged={self.merged}"
+            f"block_in={layout.block_in}, block_out={layout.block_out}, kernel={self.kernel}, merged={self.merged}"
         )

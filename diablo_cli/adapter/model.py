@@ -33,19 +33,23 @@ def attach_diablo(model: nn.Module, config: DiaBloConfig) -> nn.Module:
     if adapted_layers(model):
         raise DiaBloError("this model already has DiaBlo adapters; merge them or start from a fresh base")
     targets = select_targets(model, config)
-    wrap_targets(model, targets, dropout=config.dropout, dtype=config.torch_dtype, trainable=True)
+    wrap_targets(model, targets, dropout=config.dropout, dtype=config.torch_dtype, trainable=True, kernel=config.kernel)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
 
 
-def wrap_targets(model: nn.Module, targets: list[Target], *, dropout: float, dtype, trainable: bool) -> None:
+def wrap_targets(
+    model: nn.Module, targets: list[Target], *, dropout: float, dtype, trainable: bool, kernel: str = "auto"
+) -> None:
     """Freeze everything, then replace each target layer by a DiaBloLinear around it."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    aliases = tied_parameter_names(model)
     dead_blocks = 0
     for target in targets:
         base = model.get_submodule(target.name)
-        layer = DiaBloLinear(base, target.blocks, dropout=dropout, dtype=dtype)
+        layer = DiaBloLinear(base, target.blocks, dropout=dropout, dtype=dtype, kernel=kernel)
+        layer.shares_weight = bool(aliases.get(f"{target.name}.weight"))  # folding would write into the other
         layer.diablo_blocks.requires_grad_(trainable)
         _replace_module(model, target.name, layer)
         dead_blocks += layer.layout.dead_blocks
@@ -55,6 +59,17 @@ def wrap_targets(model: nn.Module, targets: list[Target], *, dropout: float, dty
             "a layer's features by a block or more; a block count that divides the layers' dimensions avoids this",
             dead_blocks,
         )
+
+
+def describe_kernel(model: nn.Module) -> str:
+    """One line for ``diablo train``: how many adapted layers fold their blocks into the base weight in training."""
+    layers = list(adapted_layers(model).values())
+    folding = sum(layer.can_fold(training=True) for layer in layers)
+    if folding == len(layers):
+        return f"kernel: fold on all {len(layers)} layers (blocks added into the frozen weights; one extra product)"
+    if folding == 0:
+        return f"kernel: blocks on all {len(layers)} layers (separate block products)"
+    return f"kernel: fold on {folding} of {len(layers)} layers, blocks on the rest (quantized, tied or non-dividing)"
 
 
 def merge_diablo(model: nn.Module, *, keep_adapter: bool = False) -> nn.Module:
@@ -108,6 +123,7 @@ def detach_diablo(model: nn.Module) -> nn.Module:
     for name, layer in adapted_layers(model).items():
         if layer.merged:
             raise DiaBloError(f"{name}: the adapter is merged into the weight; unmerge it before detaching")
+        layer.unfold()
         _replace_module(model, name, layer.base)
     if hasattr(model, CONFIG_ATTRIBUTE):
         delattr(model, CONFIG_ATTRIBUTE)

@@ -1,0 +1,207 @@
+"""One training step of a real model (the bundled SmolLM2-135M) for each way of fine-tuning it, time and memory.
+
+Variants, each a fresh copy of the same loaded base, one step = forward + backward + AdamW step + zero_grad:
+  floor          frozen base, gradients to the input only: what any adapter's step costs at least
+  diablo         DiaBlo as `diablo train` runs it (kernel auto: blocks folded into the dense weights)
+  diablo-blocks  DiaBlo with kernel=blocks: the three separate block products (the reference math)
+  lora           PEFT LoRA on the same modules at the rank whose budget is closest to DiaBlo's
+  full           full fine-tuning (every weight trainable)
+Times are medians over repetitions, interleaved (see common.py); ratios are against the floor and against
+LoRA measured in the same run. ``--memory`` runs every variant in a fresh process and reports what training
+adds above the loaded model: the peak of the process's own memory (CPU: sampled RssAnon; CUDA: peak
+allocated), the activations autograd saved in one forward, and the optimizer state.
+
+    python benchmarks/model_step.py                                  # fp32 and bf16, batch 4 × 256, N=24
+    python benchmarks/model_step.py --dtypes bf16 --repeats 9 --memory --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PeakAnon, interleaved, keep_freed_memory, machine, medians, saved_activation_bytes, status_kib, table
+
+from diablo_cli import DiaBloConfig, attach_diablo
+from diablo_cli.adapter.targets import select_targets
+
+VARIANTS = ("floor", "diablo", "diablo-blocks", "lora", "full")
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # QKVOGUD
+
+
+def load(dtype: str, device: str):
+    from diablo_cli.models import load_base_model
+
+    model, _ = load_base_model("smollm2-135m", dtype=dtype)
+    return model.to(device).requires_grad_(False)
+
+
+def closest_lora_rank(model, blocks: int) -> tuple[int, int, int]:
+    """(rank, LoRA parameters, DiaBlo parameters): the LoRA rank whose budget is nearest DiaBlo's on QKVOGUD."""
+    targets = select_targets(model, DiaBloConfig(blocks=blocks, target_modules="QKVOGUD"))
+    diablo = sum(t.in_features * t.out_features // blocks for t in targets)
+    per_rank = sum(t.in_features + t.out_features for t in targets)
+    rank = max(1, round(diablo / per_rank))
+    return rank, rank * per_rank, diablo
+
+
+def build(variant: str, base, *, blocks: int, rank: int, copy_base: bool = True):
+    """The model for ``variant`` and the parameters its optimizer steps (None for the floor)."""
+    model = copy.deepcopy(base) if copy_base else base
+    if variant == "floor":
+        model.enable_input_require_grads()
+        return model, None
+    if variant.startswith("diablo"):
+        kernel = "blocks" if variant == "diablo-blocks" else "auto"
+        attach_diablo(model, DiaBloConfig(blocks=blocks, target_modules="QKVOGUD", kernel=kernel))
+    elif variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=MODULES))
+    elif variant == "full":
+        model.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trainable, lr=1e-5)
+
+
+def step_function(model, optimizer, ids: torch.Tensor):
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_variants(args, dtype: str) -> dict[str, float]:
+    base = load(dtype, args.device)
+    rank, _, _ = closest_lora_rank(base, args.blocks)
+    ids = token_batch(args)
+
+    def builder(variant: str):
+        return lambda: step_function(*build(variant, base, blocks=args.blocks, rank=rank), ids)
+
+    times = interleaved(
+        {v: builder(v) for v in args.variants}, repeats=args.repeats, runs=args.runs, device=args.device
+    )
+    return medians(times)
+
+
+def token_batch(args) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 49152, (args.batch, args.seq_len), generator=generator).to(args.device)
+
+
+def measure_memory(args, dtype: str, variant: str) -> dict[str, float]:
+    """In this (fresh) process: memory that training ``variant`` adds above the loaded model, in MiB."""
+    base = load(dtype, args.device)
+    rank, _, _ = closest_lora_rank(base, args.blocks)
+    model, optimizer = build(variant, base, blocks=args.blocks, rank=rank, copy_base=False)
+    ids = token_batch(args)
+    parameters = list(model.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = status_kib("self", "RssAnon") * 1024
+    with PeakAnon() as sampler:
+        for _ in range(2):
+            loss, saved = saved_activation_bytes(lambda: model(input_ids=ids, labels=ids).loss, parameters)
+            loss.backward()
+            del loss
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else sampler.peak_kib * 1024
+    state = sum(
+        t.numel() * t.element_size()
+        for s in (optimizer.state.values() if optimizer else [])
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+    mib = 1024 * 1024
+    return {"trainable": trainable, "peak": (peak - before) / mib, "saved": saved / mib, "optimizer": state / mib}
+
+
+def memory_table(args, dtype: str) -> dict[str, dict[str, float]]:
+    results = {}
+    for variant in args.variants:
+        command = [sys.executable, __file__, "--child-memory", variant, "--dtypes", dtype, *child_arguments(args)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise SystemExit(f"memory run of {variant} failed:\n{done.stderr[-2000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def child_arguments(args) -> list[str]:
+    keep = ["--keep-freed-memory"] if args.keep_freed_memory else []
+    return ["--blocks", str(args.blocks), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+            "--device", args.device, *keep]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--blocks", type=int, default=24, help="DiaBlo's N (24: 4.42M parameters on SmolLM2)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=2, help="timed steps per build (after one warm-up step)")
+    parser.add_argument("--memory", action="store_true", help="also measure memory, one process per variant")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="glibc: no mmap, no trim (common.py)")
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc")
+    if args.child_memory:
+        print(json.dumps(measure_memory(args, args.dtypes[0], args.child_memory)))
+        return
+
+    base = load("fp32", "cpu")
+    rank, lora_parameters, diablo_parameters = closest_lora_rank(base, args.blocks)
+    del base
+    print(f"# {machine(args.device)}")
+    print(
+        f"# SmolLM2-135M, batch {args.batch} × {args.seq_len} tokens, QKVOGUD; DiaBlo N={args.blocks} "
+        f"({diablo_parameters / 1e6:.2f}M), LoRA r={rank} ({lora_parameters / 1e6:.2f}M); medians of "
+        f"{args.repeats} repetitions × {args.runs} steps"
+        + ("; glibc keeps freed memory (--keep-freed-memory)" if args.keep_freed_memory else "")
+    )
+    header = ["dtype", "variant", "step (s)", "× floor", "× LoRA"]
+    if args.memory:
+        header += ["peak above model (MiB)", "saved activations (MiB)", "optimizer state (MiB)"]
+    rows = []
+    for dtype in args.dtypes:
+        times = time_variants(args, dtype)
+        memory = memory_table(args, dtype) if args.memory else {}
+        for variant, seconds in times.items():
+            row = [dtype, variant, f"{seconds:.3f}"]
+            row.append(f"{seconds / times['floor']:.3f}" if "floor" in times else "—")
+            row.append(f"{seconds / times['lora']:.3f}" if "lora" in times else "—")
+            if memory:
+                m = memory[variant]
+                row += [f"{m['peak']:,.0f}", f"{m['saved']:,.0f}", f"{m['optimizer']:,.1f}"]
+            rows.append(row)
+        print(table(header, rows[-len(times) :], markdown=False), flush=True)
+    if args.markdown:
+        print(table(header, rows, markdown=True))
+
+
+if __name__ == "__main__":
+    main()

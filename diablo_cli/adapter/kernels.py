@@ -48,9 +48,8 @@ def block_diagonal_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: i
 def dense_update(blocks: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
     """The merged weight delta ``blockdiag(blocks)ᵀ[:out, :in]`` in torch's ``(out, in)`` layout."""
     count, block_in, block_out = blocks.shape
-    delta = blocks.new_zeros(count * block_out, count * block_in)
-    for j in range(count):
-        delta[j * block_out : (j + 1) * block_out, j * block_in : (j + 1) * block_in] = blocks[j].T
+    delta = blocks.new_zeros(count * block_out, count * block_in)  # the padded grid: N divides it
+    diagonal_blocks(delta, blocks, transposed=False).copy_(blocks)
     return delta[:out_features, :in_features]
 
 

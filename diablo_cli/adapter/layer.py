@@ -206,7 +206,7 @@ class DiaBloLinear(nn.Module):
         stamp = (blocks.data_ptr(), blocks._version)
         if stamp == self._folded_version:
             return
-        diagonal = diagonal_blocks(self.base.weight, blocks, transposed=is_conv1d(self.base))
+        diagonal = self._weight_diagonal()
         if self._original_diagonal is None:
             self._original_diagonal = diagonal.clone()
         diagonal.copy_(self._original_diagonal.float() + blocks.float())  # a merge's arithmetic
@@ -217,11 +217,13 @@ class DiaBloLinear(nn.Module):
         """Put ``W0``'s diagonal blocks back, bit for bit; a no-op when not folded."""
         if self._original_diagonal is None:
             return
-        diagonal_blocks(self.base.weight, self.diablo_blocks, transposed=is_conv1d(self.base)).copy_(
-            self._original_diagonal
-        )
+        self._weight_diagonal().copy_(self._original_diagonal)
         self._original_diagonal = None
         self._folded_version = None
+
+    def _weight_diagonal(self) -> torch.Tensor:
+        """The base weight's diagonal blocks as a writable view shaped like the adapter's blocks."""
+        return diagonal_blocks(self.base.weight, self.diablo_blocks, transposed=is_conv1d(self.base))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` fp32 weight delta that merging adds to the base."""

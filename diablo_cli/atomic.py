@@ -79,3 +79,14 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
     staging.rename(output_dir)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_pretrained_into(saveable, directory: Path, *, prefix: str, **kwargs) -> None:
+    """``saveable.save_pretrained`` (a model, tokenizer or PEFT adapter) into an existing folder that holds other
+    files too: written to a private folder beside them first, then each file renamed into place."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=directory, prefix=prefix) as staging:
+        saveable.save_pretrained(staging, **kwargs)
+        for item in Path(staging).iterdir():
+            item.replace(directory / item.name)

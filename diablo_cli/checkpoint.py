@@ -21,10 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import save_adapter
-from .adapter.files import read_adapter_config
-from .adapter.model import adapted_layers
 from .errors import DiaBloError
+from .methods import TrainingMethod
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -63,6 +61,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def save_checkpoint(
     output_dir: Path,
+    method: TrainingMethod,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -74,7 +73,7 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_adapter(model, staging, base_model=state.recipe.get("base_model"), overwrite=True)
+        method.save(model, staging, base_model=state.recipe.get("base_model"))
         tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
         save_file(_torch_rng_states(), str(staging / RNG_FILE), metadata={"format": "pt"})
@@ -110,10 +109,12 @@ def find_checkpoint(output_dir: Path, requested: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore adapter blocks, optimizer, scheduler and RNG states in place; returns the saved position."""
+def load_checkpoint(
+    path: Path, method: TrainingMethod, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState:
+    """Restore trainable weights, optimizer, scheduler and RNG states in place; returns the saved position."""
     document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    _copy_adapter(path, model)
+    method.restore(model, path)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / OPTIMIZER_FILE)), document["optimizer"]))
     scheduler.load_state_dict(document["scheduler"])
     _restore_torch_rng(load_file(str(path / RNG_FILE)))
@@ -121,25 +122,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     kind, keys, pos, has_gauss, cached = document["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     return TrainerState(**document["state"])
-
-
-def _copy_adapter(path: Path, model: nn.Module) -> None:
-    """Load the checkpoint's blocks into the already-adapted (and optimizer-registered) parameters."""
-    layers = adapted_layers(model)
-    recorded = read_adapter_config(path)["modules"]
-    if set(recorded) != set(layers):
-        missing = sorted(set(recorded) ^ set(layers))[0]
-        raise DiaBloError(f"checkpoint {path} does not fit this recipe's adapter (first difference: {missing})")
-    with torch.no_grad():  # copy into the live parameters: the optimizer holds references to them
-        tensors = load_file(str(path / "adapter_model.safetensors"))
-        for name, layer in layers.items():
-            key = f"{name}.diablo_blocks"
-            if tensors[key].shape != layer.diablo_blocks.shape:
-                raise DiaBloError(
-                    f"checkpoint {path}: {key} has shape {tuple(tensors[key].shape)}, "
-                    f"this run's adapter has {tuple(layer.diablo_blocks.shape)}"
-                )
-            layer.diablo_blocks.copy_(tensors[key])
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -43,6 +43,7 @@ MODEL_ALIASES: dict[str, str] = {
     "llama3.2-3b": "meta-llama/Llama-3.2-3B",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "t5-base": "google-t5/t5-base",
+    "llama2-70b": "meta-llama/Llama-2-70b-hf",  # not in the paper: for sizing runs with `diablo inspect`
 }
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -142,8 +143,8 @@ def captured_output(logger: logging.Logger):
                 logger.debug("captured while loading:\n%s", text)
 
 
-QUANTIZATION_EXTRAS = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum")}
-"""The optional packages each quantized kind of base needs, by the pip extra that brings them."""
+OPTIONAL_EXTRAS = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "peft": ("peft",)}
+"""The optional packages quantized bases and the LoRA/DoRA baselines need, by the pip extra that brings them."""
 TRAINABLE_QUANTIZATION = ("gptq", "bnb-4bit", "bnb-8bit")
 """The quantization methods (as :func:`base_quantization` names them) that adapters can train on."""
 
@@ -265,7 +266,7 @@ def _bitsandbytes_config(quantization: QuantizationSection, config, dtype):
 
 def require_extra(extra: str, needed_by: str) -> None:
     """A one-line error naming the pip extra when a package it brings is missing."""
-    missing = [module for module in QUANTIZATION_EXTRAS[extra] if not _installed(module)]
+    missing = [module for module in OPTIONAL_EXTRAS[extra] if not _installed(module)]
     if missing:
         raise DiaBloError(f"{needed_by} needs {' and '.join(missing)}: pip install 'diablo-cli[{extra}]'")
 

@@ -12,10 +12,19 @@ import copy
 import difflib
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .adapter.config import DiaBloConfig, canonical_dtype
 from .data.config import DataConfig, DatasetSource
@@ -63,9 +72,10 @@ class ModelSection(_Section):
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
 
 
-class AdapterSection(_Section):
-    """The DiaBloConfig fields; see diablo_cli.adapter.config."""
+class DiaBloAdapter(_Section):
+    """``type: diablo`` (the default): the DiaBloConfig fields; see diablo_cli.adapter.config."""
 
+    type: Literal["diablo"] = "diablo"
     blocks: int = Field(64, ge=1)
     target_modules: str | list[str] = "QKVUD"
     layers: tuple[int, int] | None = None
@@ -75,12 +85,84 @@ class AdapterSection(_Section):
     kernel: Literal["auto", "fold", "blocks"] = "auto"
 
     @model_validator(mode="after")
-    def _check_with_diablo_config(self) -> AdapterSection:
+    def _check_with_diablo_config(self) -> DiaBloAdapter:
         self.to_config()  # one source of truth for what a valid adapter is
         return self
 
     def to_config(self) -> DiaBloConfig:
-        return DiaBloConfig(**self.model_dump())
+        return DiaBloConfig(**self.model_dump(exclude={"type"}))
+
+    def describe(self) -> str:
+        return f"DiaBlo N={self.blocks} {_describe_targets(self.target_modules)}"
+
+    def trainable_dtype(self, base_dtype: str) -> str:
+        return canonical_dtype(self.dtype)
+
+
+class LoraAdapter(_Section):
+    """``type: lora`` or ``dora``: PEFT's LoRA (DoRA adds its magnitude vector) on the layers DiaBlo would adapt,
+    chosen by the same ``target_modules`` letters, names or regex and ``layers`` range."""
+
+    type: Literal["lora", "dora"]
+    r: int = Field(16, ge=1)
+    alpha: float | None = Field(None, gt=0)  # None: 2·r, the usual choice
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "QKVUD"
+    layers: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> LoraAdapter:
+        self.target_config()
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+    def target_config(self) -> DiaBloConfig:
+        """The layer selection as DiaBlo states it, so both methods resolve letters to the very same layers."""
+        return DiaBloConfig(blocks=1, target_modules=self.target_modules, layers=self.layers)
+
+    def describe(self) -> str:
+        return f"{'LoRA' if self.type == 'lora' else 'DoRA'} r={self.r} {_describe_targets(self.target_modules)}"
+
+    def trainable_dtype(self, base_dtype: str) -> str:
+        return "float32"  # PEFT keeps LoRA weights in fp32 on a 16-bit base
+
+
+class FullAdapter(_Section):
+    """``type: full``: every weight of the base trains (a baseline for small models; AdamW keeps 2 moments
+    per weight, so memory is about 4× the model's in fp32)."""
+
+    type: Literal["full"]
+
+    def describe(self) -> str:
+        return "full fine-tuning"
+
+    def trainable_dtype(self, base_dtype: str) -> str:
+        return base_dtype
+
+
+ADAPTER_TYPES = ("diablo", "lora", "dora", "full")
+AdapterSection = Annotated[
+    Annotated[DiaBloAdapter, Tag("diablo")]
+    | Annotated[LoraAdapter, Tag("lora")]
+    | Annotated[LoraAdapter, Tag("dora")]
+    | Annotated[FullAdapter, Tag("full")],
+    Discriminator(lambda value: _adapter_type(value)),
+]
+"""The recipe's ``adapter:`` section, chosen by its ``type`` (default ``diablo``)."""
+
+
+def _adapter_type(value: Any) -> str:
+    return value.get("type", "diablo") if isinstance(value, dict) else getattr(value, "type", "diablo")
+
+
+_ADAPTER_MODELS = {"diablo": DiaBloAdapter, "lora": LoraAdapter, "dora": LoraAdapter, "full": FullAdapter}
+
+
+def _describe_targets(targets: str | list[str]) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
 
 
 class TrainingSection(_Section):
@@ -187,7 +269,7 @@ class Recipe(_Section):
 
     base_model: str
     model: ModelSection = Field(default_factory=ModelSection)
-    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    adapter: AdapterSection = Field(default_factory=DiaBloAdapter)
     data: DataConfig
     training: TrainingSection = Field(default_factory=TrainingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -256,14 +338,22 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Nested dictionaries merge key by key; any other value in ``update`` replaces the one in ``base``."""
+    """Nested dictionaries merge key by key; any other value in ``update`` replaces the one in ``base``.
+
+    A section that changes its ``type`` (``adapter: {type: lora}`` over a DiaBlo recipe) replaces the inherited
+    one whole: the keys of one adapter type mean nothing to another.
+    """
     merged = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _changes_type(merged[key], value):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _changes_type(section: dict[str, Any], update: dict[str, Any]) -> bool:
+    return "type" in update and update["type"] != section.get("type", "diablo")
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -287,6 +377,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if isinstance(node, list):
         node[_list_index(node, last, keys, override)] = value
     else:
+        if last == "type" and _changes_type(node, {"type": value}):
+            node.clear()  # as in deep_merge: another type starts from its own defaults
         node[last] = value
 
 
@@ -324,10 +416,20 @@ def _explain(err: ValidationError) -> str:
     """The first validation error as one line: key path, what is wrong, and a suggestion where one exists."""
     first = err.errors()[0]
     location = [str(part) for part in first["loc"]]
+    adapter_type = None
+    if location[:1] == ["adapter"] and len(location) > 1 and location[1] in _ADAPTER_MODELS:
+        adapter_type = location.pop(1)  # the union's tag is not a key the user wrote
     key = ".".join(location) or "recipe"
+    if first["type"] == "union_tag_invalid":
+        given = str(first["ctx"]["tag"])
+        return (
+            f"{key}.type: unknown adapter type {given!r}{_did_you_mean(given, list(ADAPTER_TYPES))}; "
+            f"valid types: {', '.join(ADAPTER_TYPES)}"
+        )
     if first["type"] == "extra_forbidden":
-        valid = _valid_keys(location[:-1])
-        return f"{key}: unknown key{_did_you_mean(location[-1], valid)}; valid keys here: {', '.join(valid)}"
+        valid = _valid_keys(location[:-1], adapter_type)
+        kind = f" for adapter type {adapter_type}" if adapter_type and location[-2:-1] == ["adapter"] else ""
+        return f"{key}: unknown key{kind}{_did_you_mean(location[-1], valid)}; valid keys here: {', '.join(valid)}"
     if first["type"] == "missing":
         return f"{key}: required but missing"
     given = first.get("input")
@@ -336,7 +438,7 @@ def _explain(err: ValidationError) -> str:
     return f"{key}: {message}{shown}"
 
 
-def _valid_keys(location: list[str]) -> list[str]:
+def _valid_keys(location: list[str], adapter_type: str | None = None) -> list[str]:
     model: Any = Recipe
     for part in location:
         if part.isdigit():
@@ -344,7 +446,7 @@ def _valid_keys(location: list[str]) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
-        model = _model_in(field.annotation)
+        model = _ADAPTER_MODELS[adapter_type] if part == "adapter" and adapter_type else _model_in(field.annotation)
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from .adapter import attach_diablo, parameter_report, save_adapter
-from .adapter.model import describe_kernel
-from .atomic import write_text_atomic
+from .adapter.budget import ParameterReport
+from .atomic import save_pretrained_into, write_text_atomic
 from .checkpoint import CHECKPOINTS, TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
 from .errors import DiaBloError, TrainingStopped
+from .methods import TrainingMethod, training_method
 from .models import base_quantization, load_base_model
 from .quantize.trainable import prepare_quantized_training
 from .recipe import Recipe
-from .report import parameter_table, plot_loss_curve, training_progress
+from .report import plot_loss_curve, training_progress
 from .tracking import METRICS_FILE, MetricsLog, memory_in_use, read_metrics
 
 RECIPE_FILE = "recipe.yaml"
@@ -48,6 +48,7 @@ class TrainResult:
     tokens_per_second: float
     eval_before: dict[str, float] = field(default_factory=dict)
     eval_after: dict[str, float] = field(default_factory=dict)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained model, adapters attached
 
 
 def train(
@@ -81,16 +82,12 @@ def train(
         device=accelerator.device,
     )
     quantized = prepare_quantized_training(model)  # before any forward pass: see quantize/trainable.py
-    attach_diablo(model, recipe.adapter.to_config())
+    if main and quantized is not None:
+        console.print(f"base: {quantized.describe()}")
+    method, model, report = attach_adapter(recipe, model, console if main else None)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    report = parameter_report(model)
-    if main:
-        console.print(parameter_table(report, title=f"DiaBlo on {recipe.base_model}"))
-        if quantized is not None:
-            console.print(f"base: {quantized.describe()}")
-        console.print(describe_kernel(model))
 
     import datasets
 
@@ -116,7 +113,7 @@ def train(
     state = TrainerState(recipe=recipe.model_dump(mode="json"), data_fingerprint=data.train._fingerprint)
     if resume is not None:
         checkpoint = find_checkpoint(output_dir, resume)
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, scheduler)
         if main:
             _warn_on_resume_differences(console, state, recipe, data.train._fingerprint, checkpoint)
         state.recipe = recipe.model_dump(mode="json")
@@ -143,7 +140,18 @@ def train(
         )
 
     loop = _Loop(
-        recipe, accelerator, model, optimizer, scheduler, data, collator, state, metrics, output_dir, batches_per_epoch
+        recipe,
+        method,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        data,
+        collator,
+        state,
+        metrics,
+        output_dir,
+        batches_per_epoch,
     )
     started = time.perf_counter()
     try:
@@ -157,21 +165,36 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
     eval_after: dict[str, float] = {}
     if main:
-        save_adapter(unwrapped, output_dir, base_model=recipe.base_model, overwrite=True)
+        method.save(unwrapped, output_dir, base_model=recipe.base_model)
         if recipe.output.save_tokenizer:
-            _save_tokenizer(tokenizer, output_dir)
+            save_pretrained_into(tokenizer, output_dir, prefix=".tokenizer-")
         plot_loss_curve(read_metrics(output_dir / METRICS_FILE), output_dir / LOSS_PLOT, title=_plot_title(recipe))
         if recipe.eval.tasks:
             eval_after = run_eval_tasks(recipe, unwrapped, tokenizer, console, label="fine-tuned")
     accelerator.wait_for_everyone()
     tokens_per_second = loop.tokens_this_session / seconds if seconds else 0.0
     result = TrainResult(
-        output_dir, state.global_step, state.last_loss, seconds, tokens_per_second, eval_before, eval_after
+        output_dir, state.global_step, state.last_loss, seconds, tokens_per_second, eval_before, eval_after, unwrapped
     )
     if main:
         _write_summary(result, report, data.stats)
-        _print_result(console, result)
+        _print_result(console, result, method.deliverable)
     return result
+
+
+def attach_adapter(
+    recipe: Recipe, model: torch.nn.Module, console: Console | None
+) -> tuple[TrainingMethod, torch.nn.Module, ParameterReport]:
+    """Put the recipe's adapter (or baseline) on ``model``; print its parameter table when given a console.
+    Returns the method, the model to train (PEFT wraps it) and its parameter report."""
+    method = training_method(recipe.adapter)
+    model = method.attach(model)
+    report = method.report(model)
+    if console is not None:
+        console.print(method.table(model, title=f"{recipe.adapter.describe()} on {recipe.base_model}"))
+        for line in method.notes(model):
+            console.print(line)
+    return method, model, report
 
 
 class _Loop:
@@ -180,6 +203,7 @@ class _Loop:
     def __init__(
         self,
         recipe,
+        method: TrainingMethod,
         accelerator,
         model,
         optimizer,
@@ -191,7 +215,7 @@ class _Loop:
         output_dir,
         batches_per_epoch,
     ):
-        self.recipe, self.training = recipe, recipe.training
+        self.recipe, self.training, self.method = recipe, recipe.training, method
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.data, self.collator, self.state, self.metrics, self.output_dir = data, collator, state, metrics, output_dir
         self.tokens_this_session = 0
@@ -335,6 +359,7 @@ class _Loop:
         if self.accelerator.is_main_process:
             path = save_checkpoint(
                 self.output_dir,
+                self.method,
                 self.accelerator.unwrap_model(self.model),
                 self.optimizer,
                 self.scheduler,
@@ -513,15 +538,6 @@ def _stop_on_signals():
             signal.signal(sig, old)
 
 
-def _save_tokenizer(tokenizer, output_dir: Path) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tokenizer-") as staging:
-        tokenizer.save_pretrained(staging)
-        for item in Path(staging).iterdir():
-            item.replace(output_dir / item.name)
-
-
 def _warn_on_resume_differences(console, state: TrainerState, recipe: Recipe, fingerprint: str, path: Path) -> None:
     console.print(f"resuming from {path} at step {state.global_step}")
     saved, current = _flatten(state.recipe), _flatten(recipe.model_dump(mode="json"))
@@ -554,10 +570,7 @@ def _print_data_stats(console: Console, stats, recipe: Recipe) -> None:
 
 
 def _plot_title(recipe: Recipe) -> str:
-    adapter = recipe.adapter
-    return (
-        f"{recipe.base_model} · DiaBlo N={adapter.blocks} {adapter.target_modules} · lr {recipe.training.learning_rate}"
-    )
+    return f"{recipe.base_model} · {recipe.adapter.describe()} · lr {recipe.training.learning_rate}"
 
 
 def _write_summary(result: TrainResult, report, stats) -> None:
@@ -576,10 +589,10 @@ def _write_summary(result: TrainResult, report, stats) -> None:
     write_text_atomic(result.output_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def _print_result(console: Console, result: TrainResult) -> None:
+def _print_result(console: Console, result: TrainResult, deliverable: str) -> None:
     console.print(
         f"[bold green]done:[/] {result.steps} steps in {result.seconds:.0f}s "
-        f"({result.tokens_per_second:,.0f} tokens/s); adapter in {result.output_dir}/"
+        f"({result.tokens_per_second:,.0f} tokens/s); {deliverable} in {result.output_dir}/"
     )
     from .evaluate.runner import format_metric
 
@@ -614,16 +627,14 @@ def show_plan(recipe: Recipe, console: Console):
     model = skeleton_model(config, **kwargs)
     packed = _planned_quantization(recipe, config)
     linear_parameters = sum(model.get_submodule(name).weight.numel() for name in quantized_layer_names(model))
-    attach_diablo(model, recipe.adapter.to_config())
-    report = parameter_report(model)
-    console.print(parameter_table(report, title=f"DiaBlo on {recipe.base_model}"))
+    _, model, report = attach_adapter(recipe, model, console)
     base_dtype = recipe.torch_dtype_name or str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     estimate = estimate_training_memory(
         config,
         base_parameters=report.base,
         trainable_parameters=report.trainable,
         base_dtype=base_dtype,
-        adapter_dtype=recipe.adapter.to_config().dtype,
+        adapter_dtype=recipe.adapter.trainable_dtype(base_dtype),
         batch=recipe.training.micro_batch_size,
         seq_len=recipe.data.max_length,
         gradient_checkpointing=recipe.model.gradient_checkpointing,

@@ -68,7 +68,10 @@ def save_checkpoint(
     state: TrainerState,
     *,
     keep: int | None,
+    process_rng_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
+    """Write a checkpoint of the whole run. ``process_rng_states``: every process's torch RNG states, in rank
+    order (``torch_rng_states()`` on each), so that dropout resumes exactly on every rank; default this one's."""
     target = checkpoint_dir(output_dir, state.global_step)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -76,7 +79,9 @@ def save_checkpoint(
         method.save(model, staging, base_model=state.recipe.get("base_model"))
         tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
-        save_file(_torch_rng_states(), str(staging / RNG_FILE), metadata={"format": "pt"})
+        ranks = process_rng_states or [torch_rng_states()]
+        rng = {f"rank{r}.{key}" if r else key: t for r, states in enumerate(ranks) for key, t in states.items()}
+        save_file(rng, str(staging / RNG_FILE), metadata={"format": "pt", "processes": str(len(ranks))})
         document = {
             "state": asdict(state),
             "optimizer": optimizer_meta,
@@ -110,14 +115,21 @@ def find_checkpoint(output_dir: Path, requested: str) -> Path:
 
 
 def load_checkpoint(
-    path: Path, method: TrainingMethod, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    method: TrainingMethod,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    rank: int = 0,
 ) -> TrainerState:
-    """Restore trainable weights, optimizer, scheduler and RNG states in place; returns the saved position."""
+    """Restore trainable weights, optimizer, scheduler and RNG states in place; returns the saved position.
+    Process ``rank`` takes its own torch RNG states (rank 0's when the checkpoint had fewer processes)."""
     document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     method.restore(model, path)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / OPTIMIZER_FILE)), document["optimizer"]))
     scheduler.load_state_dict(document["scheduler"])
-    _restore_torch_rng(load_file(str(path / RNG_FILE)))
+    _restore_torch_rng(_rank_states(load_file(str(path / RNG_FILE)), rank))
     random.setstate(_python_rng_state(document["python_rng"]))
     kind, keys, pos, has_gauss, cached = document["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
@@ -146,12 +158,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _torch_rng_states() -> dict[str, torch.Tensor]:
+def torch_rng_states() -> dict[str, torch.Tensor]:
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             states[f"cuda.{index}"] = cuda_state
     return states
+
+
+def _rank_states(saved: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    prefix = f"rank{rank}."
+    own = {key.removeprefix(prefix): t for key, t in saved.items() if rank and key.startswith(prefix)}
+    return own or {key: t for key, t in saved.items() if not key.startswith("rank")}
 
 
 def _restore_torch_rng(states: dict[str, torch.Tensor]) -> None:

@@ -54,21 +54,40 @@ def train(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in the output dir."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved recipe, budget and data; train nothing."),
+    launcher: str = typer.Option(
+        "none", "--launcher", help="accelerate: run under `accelerate launch` (data-parallel, FSDP, DeepSpeed)."
+    ),
+    num_processes: int | None = typer.Option(
+        None, "--num-processes", help="With --launcher accelerate: how many processes (GPUs, or CPU processes)."
+    ),
+    accelerate_config: Path | None = typer.Option(
+        None, "--accelerate-config", help="With --launcher accelerate: an accelerate config, e.g. configs/accelerate/"
+    ),
 ) -> None:
     """Fine-tune a base model with DiaBlo as a recipe says; the adapter goes to the output dir."""
+    from .launch import LAUNCHERS, launch_with_accelerate
     from .recipe import load_recipe
     from .train import dry_run as show_dry_run
     from .train import train as run_training
 
+    if launcher not in LAUNCHERS:
+        raise DiaBloError(f"--launcher {launcher!r}: one of {', '.join(LAUNCHERS)}")
+    if launcher == "none" and (num_processes is not None or accelerate_config is not None):
+        raise DiaBloError("--num-processes and --accelerate-config need --launcher accelerate")
     overrides = list(set_values)
     if output_dir is not None:
         overrides.append(f"output.dir={output_dir}")
     if overwrite:
         overrides.append("output.overwrite=true")
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)  # checked here, before any process starts
     if dry_run:
         show_dry_run(loaded)
         return
+    if launcher == "accelerate":
+        arguments = [str(recipe), *(f"--set={value}" for value in overrides)]
+        arguments += ["--resume", resume] if resume is not None else []
+        code = launch_with_accelerate(arguments, num_processes=num_processes, config_file=accelerate_config)
+        raise typer.Exit(code)
     run_training(loaded, resume=resume)
 
 
@@ -298,6 +317,28 @@ def inspect(
     quantization: str = typer.Option(
         "none", "--quantization", help="Memory estimate: none, bnb-4bit, bnb-8bit, gptq-4bit, gptq-8bit."
     ),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Scaling estimate: checkpoint layers (less memory, +1 forward)."
+    ),
+    gpus: int = typer.Option(1, "--gpus", help="Scaling estimate: data-parallel GPUs."),
+    sharding: str | None = typer.Option(
+        None, "--sharding", help="Scaling estimate: none, ddp, zero2, zero3 or fsdp. Default: none on 1 GPU, else ddp."
+    ),
+    gpu_tflops: float | None = typer.Option(
+        None, "--gpu-tflops", help="Scaling estimate: peak TFLOP/s per GPU. Default 989 (H100 SXM, bf16 dense)."
+    ),
+    mfu: float | None = typer.Option(
+        None, "--mfu", help="Scaling estimate: assumed model FLOPs utilisation, 0-1. Default 0.4 (an assumption)."
+    ),
+    interconnect_gbps: float | None = typer.Option(
+        None,
+        "--interconnect-gbps",
+        help="Scaling estimate: GB/s (gigabytes) per GPU. Default 450 (NVLink) up to 8 GPUs, 50 (InfiniBand) beyond.",
+    ),
+    gpu_memory: float | None = typer.Option(
+        None, "--gpu-memory", help="Scaling estimate: GiB per GPU, to say what fits. Default 80 (H100 80 GB)."
+    ),
+    tokens: str = typer.Option("100M", "--tokens", help="Scaling estimate: tokens in the whole run, e.g. 100M, 1B."),
     probe: str | None = typer.Option(
         None, "--probe", help="A dataset (file or preset): measure ranks for Theorem 2 (loads the weights)."
     ),
@@ -313,6 +354,7 @@ def inspect(
 
     from . import inspection as insp
     from .report import adapter_inspection_view, model_inspection_view, probe_table, quiet_transformers
+    from .scaling import parse_tokens
 
     console = Console()
     path = Path(target)
@@ -342,6 +384,14 @@ def inspect(
             batch=batch,
             dtype=dtype,
             quantization=quantization,
+            gradient_checkpointing=gradient_checkpointing,
+            gpus=gpus,
+            sharding=sharding,
+            gpu_tflops=gpu_tflops,
+            mfu=mfu,
+            interconnect_gbps=interconnect_gbps,
+            gpu_memory_gib=gpu_memory,
+            tokens=parse_tokens(tokens),
             trust_remote_code=trust_remote_code,
         )
         view = model_inspection_view(result)

@@ -24,7 +24,14 @@ from rich.console import Console
 
 from .adapter.budget import ParameterReport
 from .atomic import save_pretrained_into, write_text_atomic
-from .checkpoint import CHECKPOINTS, TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS,
+    TrainerState,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    torch_rng_states,
+)
 from .errors import DiaBloError, TrainingStopped
 from .methods import TrainingMethod, training_method
 from .models import base_quantization, load_base_model
@@ -69,8 +76,13 @@ def train(
     output_dir = Path(recipe.output.dir)
     if main:
         prepare_output_dir(output_dir, overwrite=recipe.output.overwrite, resuming=resume is not None)
+    if not main:  # one process reports; the others would repeat every loading bar and warning
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
     accelerator.wait_for_everyone()
-    set_seed(training.seed)
+    set_seed(training.seed, device_specific=True)  # rank 0 keeps the seed; other ranks draw their own dropout
 
     model, tokenizer = load_base_model(
         recipe.base_model,
@@ -113,7 +125,9 @@ def train(
     state = TrainerState(recipe=recipe.model_dump(mode="json"), data_fingerprint=data.train._fingerprint)
     if resume is not None:
         checkpoint = find_checkpoint(output_dir, resume)
-        state = load_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(
+            checkpoint, method, accelerator.unwrap_model(model), optimizer, scheduler, rank=accelerator.process_index
+        )
         if main:
             _warn_on_resume_differences(console, state, recipe, data.train._fingerprint, checkpoint)
         state.recipe = recipe.model_dump(mode="json")
@@ -354,7 +368,10 @@ class _Loop:
             self.metrics.log({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
 
     def _checkpoint(self) -> Path | None:
+        from accelerate.utils import gather_object
+
         self.accelerator.wait_for_everyone()
+        rng_states = gather_object([torch_rng_states()])  # every rank's, so that dropout resumes on each
         path = None
         if self.accelerator.is_main_process:
             path = save_checkpoint(
@@ -365,6 +382,7 @@ class _Loop:
                 self.scheduler,
                 self.state,
                 keep=self.training.save_total_limit,
+                process_rng_states=rng_states,
             )
         self.accelerator.wait_for_everyone()
         return path

@@ -1,0 +1,99 @@
+"""Data-parallel training in 2 CPU processes (gloo) under accelerate: the same adapter on every rank, the same
+losses as one process with the same global batch, one writer, and checkpoints that resume across processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from diablo_cli.launch import accelerate_launcher
+from diablo_cli.recipe import load_recipe
+from diablo_cli.tracking import read_metrics
+from diablo_cli.train import train
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+WORKER = ROOT / "tests" / "data" / "train_ranks.py"
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(output_dir / "metrics.jsonl") if "loss" in m}
+
+
+def launch(arguments: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "COLUMNS": "200"}  # Rich would wrap report lines at 80 columns
+    done = subprocess.run(arguments, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=environment)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(tmp_path):
+    common = ["logging.progress=false", "training.max_grad_norm=null"]
+    two = tmp_path / "two"
+    done = launch([*accelerate_launcher(2, None), str(WORKER), str(TINY), str(tmp_path), f"output.dir={two}",
+                   "training.micro_batch_size=2", *common])  # fmt: skip
+    assert "global batch 2 × 1 accumulation × 2 process(es) = 4 examples" in done.stdout
+    assert done.stdout.count("done:") == 1 and done.stdout.count("trainable of") == 1  # rank 0 reports
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = load_file(two / "adapter_model.safetensors")
+    assert all(torch.equal(saved[k.removesuffix(".diablo_blocks") + ".diablo_blocks"], rank0[k]) for k in rank0)
+    assert sorted(losses(two)) == list(range(1, 13))  # one metrics writer: no step logged twice
+
+    one = train(
+        load_recipe(TINY, [f"output.dir={tmp_path / 'one'}", "training.micro_batch_size=4", *common]),
+        console=Console(file=io.StringIO()),
+    )
+    expected, got = losses(one.output_dir), losses(two)
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+    single = load_file(one.output_dir / "adapter_model.safetensors")
+    for key, blocks in saved.items():
+        torch.testing.assert_close(blocks, single[key], rtol=1e-4, atol=1e-7)
+
+
+def test_cli_launcher_checkpoints_and_resumes_across_two_processes(tmp_path):
+    """With dropout, every rank draws its own masks: resuming must give each rank its own RNG state back."""
+    settings = ["--set", "adapter.dropout=0.1", "--set", "logging.progress=false"]
+    diablo = [sys.executable, "-m", "diablo_cli", "train", str(TINY), *settings]
+    parallel = ["--launcher", "accelerate", "--num-processes", "2"]
+    straight = tmp_path / "straight"
+    done = launch([*diablo, "-o", str(straight), *parallel])
+    assert "× 2 process(es)" in done.stdout
+    rng = load_file(straight / "checkpoints" / "step-0000006" / "rng_state.safetensors")
+    assert {"cpu", "rank1.cpu"} <= set(rng) and not torch.equal(rng["cpu"], rng["rank1.cpu"])
+
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-0000006", interrupted / "checkpoints" / "step-0000006")
+    done = launch([*diablo, "-o", str(interrupted), *parallel, "--resume"])
+    assert "at step 6" in done.stdout
+    assert [losses(interrupted)[s] for s in range(7, 13)] == [losses(straight)[s] for s in range(7, 13)]
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(interrupted / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_launcher_options_are_checked_before_any_process_starts(tmp_path, capsys):
+    from diablo_cli.cli import main
+
+    def error_of(*arguments: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", str(TINY), *arguments])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "--num-processes and --accelerate-config need --launcher accelerate" in error_of("--num-processes", "2")
+    assert "--launcher 'mpi': one of none, accelerate" in error_of("--launcher", "mpi")
+    assert "adapter.blcks: unknown key" in error_of("--launcher", "accelerate", "--set", "adapter.blcks=3")
+    missing = str(tmp_path / "nope.yaml")
+    assert "no such file" in error_of("--launcher", "accelerate", "--accelerate-config", missing)

@@ -24,6 +24,8 @@ from .errors import DiaBloError
 from .models import MODEL_ALIASES, _explain_load_failure, resolve_model, skeleton_model
 
 PAPER_CONFIGS = "models/paper"
+OUTPUT_HEADS = ("lm_head", "embed_out", "output")
+"""Names of the output projection (not quantized, not recomputed under checkpointing)."""
 
 
 def packaged_config(name: str) -> dict[str, Any] | None:
@@ -89,9 +91,12 @@ class ModelInspection:
     budget: int | None = None
     budget_source: str | None = None
     recipe_snippet: str | None = None
+    lora_rank: int | None = None  # the equal-budget LoRA baseline, once N is chosen
+    lora_snippet: str | None = None
     memory_settings: dict[str, Any] = field(default_factory=dict)
     memory: list[dict[str, Any]] = field(default_factory=list)  # bytes by part, DiaBlo then LoRA
     probe: list[dict[str, Any]] = field(default_factory=list)  # ProbedModule rows, with --probe
+    scaling: dict[str, Any] = field(default_factory=dict)  # scaling.ScalingEstimate of the DiaBlo choice
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,13 +115,25 @@ def inspect_model(
     batch: int = 1,
     dtype: str | None = None,
     quantization: str = "none",
+    gradient_checkpointing: bool = False,
+    gpus: int = 1,
+    sharding: str | None = None,
+    gpu_tflops: float | None = None,
+    mfu: float | None = None,
+    interconnect_gbps: float | None = None,
+    gpu_memory_gib: float | None = None,
+    tokens: int = 100_000_000,
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> ModelInspection:
-    """Candidate block counts for ``name``'s targeted layers, the one a budget asks for, and the training
-    memory of that choice (or of N=64) against LoRA at the same budget."""
+    """Candidate block counts for ``name``'s targeted layers, the one a budget asks for, the training memory
+    of that choice (or of N=64) against LoRA at the same budget, and what training it costs on ``gpus`` GPUs
+    (scaling.py; None settings take its H100 defaults)."""
     if budget is not None and match_lora is not None:
         raise DiaBloError("give either --budget or --match-lora, not both")
+    from .scaling import check_sharding, default_sharding
+
+    check_sharding(sharding or default_sharding(gpus), gpus)  # before reading the model: a typo fails fast
     config = load_model_config(name, trust_remote_code=trust_remote_code, revision=revision)
     model = skeleton_model(config, trust_remote_code=trust_remote_code)
     selection = select_targets(model, DiaBloConfig(blocks=1, target_modules=targets, layers=layers))
@@ -148,7 +165,10 @@ def inspect_model(
         wanted = (blocks or [64])[0]
         reference = next((c for c in inspection.candidates if c.blocks == wanted), None)
         reference = reference or count_blocks(selection, wanted, base)
-    rank = match_lora or max(1, round(reference.lora_rank))
+    rank = match_lora or closest_lora_rank(reference.lora_rank)
+    if inspection.budget is not None or len(blocks or []) == 1:
+        inspection.lora_rank = rank
+        inspection.lora_snippet = lora_recipe_snippet(rank, targets, layers)
     dtype = _requested_dtype(dtype) if dtype else _config_dtype(config)
     inspection.memory_settings = {
         "blocks": reference.blocks,
@@ -163,12 +183,11 @@ def inspect_model(
 
     if quantization not in QUANTIZED_BITS:
         raise DiaBloError(f"--quantization {quantization!r}: choose one of {', '.join(QUANTIZED_BITS)}")
-    heads = ("lm_head", "embed_out", "output")
     rows = compare_adapter_memory(
         config,
         base_parameters=base,
         linear_parameters=sum(
-            m.in_features * m.out_features * m.layers for m in inspection.linear_modules if m.module not in heads
+            m.in_features * m.out_features * m.layers for m in inspection.linear_modules if m.module not in OUTPUT_HEADS
         ),
         targeted=[(m.in_features, m.out_features, m.layers) for m in targeted],
         diablo_trainable=reference.trainable,
@@ -182,7 +201,89 @@ def inspect_model(
     inspection.memory = [
         {**asdict(row), "total": row.total, "checkpointed_total": row.checkpointed_total} for row in rows
     ]
+    inspection.scaling = _scaling(
+        config,
+        model,
+        inspection,
+        rows[0],
+        batch=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        gpus=gpus,
+        sharding=sharding,
+        gpu_tflops=gpu_tflops,
+        mfu=mfu,
+        interconnect_gbps=interconnect_gbps,
+        gpu_memory_gib=gpu_memory_gib,
+        tokens=tokens,
+    )
     return inspection
+
+
+def _scaling(config, model, inspection: ModelInspection, diablo, **settings) -> dict[str, Any]:
+    """The DiaBlo row's memory and the model's shape, handed to scaling.estimate_scaling. The attention term
+    counts ``num_hidden_layers`` (an encoder-decoder's encoder depth: first order there too)."""
+    from . import scaling
+
+    checkpointing = settings["gradient_checkpointing"]
+    activations = (
+        diablo.checkpointed_activations + diablo.checkpointed_adapter_inputs
+        if checkpointing
+        else diablo.activations + diablo.adapter_inputs
+    )
+    linear = sum(m.in_features * m.out_features * m.layers for m in inspection.linear_modules)
+    head = sum(m.in_features * m.out_features * m.layers for m in inspection.linear_modules if m.module in OUTPUT_HEADS)
+    attention_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+    estimate = scaling.estimate_scaling(
+        weights=diablo.weights,
+        block_weights=diablo.weights * largest_block_parameters(model) / inspection.base_parameters,
+        linear_parameters=linear,
+        head_parameters=head,
+        trainable_parameters=diablo.trainable,
+        adapter_bytes=4,  # the adapter is fp32 (memory_settings["adapter_dtype"])
+        layers=config.num_hidden_layers,
+        attention_width=attention_heads * (head_dim or config.hidden_size // attention_heads),
+        activations=activations,
+        logits=diablo.logits,
+        **{key: value for key, value in settings.items() if value is not None},  # None: scaling's H100 defaults
+    )
+    return estimate.to_dict()
+
+
+def largest_block_parameters(model) -> int:
+    """Parameters of the largest unit ZeRO-3/FSDP gathers at once when each repeated block (a decoder layer) is
+    its own unit: the largest such block, or the largest single tensor outside them (the embedding)."""
+    from torch import nn
+
+    sizes = [p.numel() for p in model.parameters()]
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            sizes += [sum(p.numel() for p in child.parameters()) for child in module]
+    return max(sizes, default=0)
+
+
+def closest_lora_rank(equal_budget_rank: float) -> int:
+    """The whole LoRA rank whose budget ``r·Σ(in+out)`` lies closest to DiaBlo's (``equal_budget_rank`` is the
+    fractional rank that matches it exactly). A budget is linear in r, so that is the nearest integer; on an
+    exact tie the smaller one, so the baseline never trains more than DiaBlo for nothing. At least 1."""
+    return max(1, math.ceil(equal_budget_rank - 0.5))
+
+
+def lora_recipe_snippet(rank: int, targets: str | list[str], layers: tuple[int, int] | None) -> str:
+    """The ``adapter:`` section of the LoRA baseline at DiaBlo's budget: same layers, alpha = 2r, dropout 0.05."""
+    lines = ["adapter:", "  type: lora", f"  r: {rank}", f"  alpha: {2 * rank}", "  dropout: 0.05"]
+    lines.append(f"  target_modules: {_targets_yaml(targets)}")
+    if layers is not None:
+        lines.append(f"  layers: [{layers[0]}, {layers[1]}]")
+    return "\n".join(lines)
+
+
+def _targets_yaml(targets: str | list[str]) -> str:
+    """Letters and names as they are; a regex quoted (JSON is YAML), since ``[``, ``*`` or ``|`` mean YAML syntax."""
+    if isinstance(targets, list):
+        return "[" + ", ".join(targets) + "]"
+    return targets if re.fullmatch(r"[\w.-]+", targets) else json.dumps(targets)
 
 
 def _requested_dtype(name: str) -> str:
@@ -325,8 +426,7 @@ def recipe_snippet(blocks: int | dict[str, int], targets: str | list[str], layer
         overrides = {k: v for k, v in blocks.items() if v != common}
         if overrides:
             lines.append("  blocks_by_module: {" + ", ".join(f"{k}: {v}" for k, v in overrides.items()) + "}")
-    spec = targets if isinstance(targets, str) else "[" + ", ".join(targets) + "]"
-    lines.append(f"  target_modules: {spec}")
+    lines.append(f"  target_modules: {_targets_yaml(targets)}")
     if layers is not None:
         lines.append(f"  layers: [{layers[0]}, {layers[1]}]")
     return "\n".join(lines)

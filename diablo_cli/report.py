@@ -249,9 +249,81 @@ def model_inspection_view(inspection: ModelInspection) -> list:
     if inspection.budget is not None:
         view.append(f"budget: {inspection.budget:,} parameters ({inspection.budget_source}); closest from below:")
         view.append(inspection.recipe_snippet)
+    if inspection.lora_snippet is not None:
+        view.append(f"the LoRA baseline at this budget (rank {inspection.lora_rank}, closest to N's count):")
+        view.append(inspection.lora_snippet)
     if inspection.memory:
         view.append(memory_table(inspection.memory, inspection.memory_settings))
+    if inspection.scaling:
+        view.append(scaling_table(inspection.scaling, inspection.memory_settings["blocks"]))
     return view
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def scaling_table(scaling: dict, blocks: Any) -> Table:
+    """``diablo inspect --gpus K --sharding S``: one GPU's memory, FLOPs, step and run time (scaling.py)."""
+    gib = 2**30
+    memory, flops, traffic = scaling["memory"], scaling["flops"], scaling["traffic"]
+    gpus = scaling["gpus"]
+    table = Table(
+        title=(
+            f"training on {gpus} GPU{'s' if gpus > 1 else ''} "
+            f"({'no sharding' if scaling['sharding'] == 'none' else scaling['sharding']}), first-order estimate: "
+            f"DiaBlo N={blocks}, micro batch {scaling['batch']} × {scaling['seq_len']} per GPU, gradient "
+            f"checkpointing {'on' if scaling['gradient_checkpointing'] else 'off'}"
+        ),
+        title_justify="left",
+    )
+    table.add_column("per GPU")
+    table.add_column("", justify="right")
+    sharded = scaling["sharding"] in ("zero3", "fsdp")
+    rows = [
+        ("base weights" + (f" (1/{gpus} shard)" if sharded else ""), f"{memory['weights'] / gib:.2f} GiB"),
+    ]
+    if sharded:
+        rows.append(("one block gathered (working)", f"{memory['gathered_weights'] / gib:.2f} GiB"))
+    rows += [
+        ("adapter + gradients + AdamW", f"{memory['adapter_and_optimizer'] / gib:.2f} GiB"),
+        ("activations (micro batch)", f"{memory['activations'] / gib:.2f} GiB"),
+        ("logits", f"{memory['logits'] / gib:.2f} GiB"),
+        (
+            "total",
+            f"{memory['total'] / gib:.2f} GiB "
+            + ("✓ fits" if scaling["fits"] else "✗ does not fit")
+            + f" in {scaling['gpu_memory_gib']:g} GiB",
+        ),
+        ("training FLOPs per token", f"{flops['total'] / 1e9:.1f} GFLOP"),
+        ("tokens per step (all GPUs)", f"{scaling['tokens_per_step']:,}"),
+        (
+            f"compute per step ({scaling['gpu_tflops']:g} TFLOP/s × MFU {scaling['mfu']:g})",
+            _duration(scaling["compute_seconds"]),
+        ),
+    ]
+    if scaling["sharding"] != "none":
+        rows += [
+            ("collective traffic per step", f"{traffic['total'] / gib:.2f} GiB"),
+            (f"communication at {scaling['interconnect_gbps']:g} GB/s", _duration(scaling["communication_seconds"])),
+        ]
+    rows += [
+        ("step (compute + communication)", _duration(scaling["step_seconds"])),
+        (f"{scaling['tokens']:,} tokens ({scaling['steps']:,} steps)", _duration(scaling["run_seconds"])),
+    ]
+    for label, value in rows:
+        table.add_row(label, value, style="bold" if label in ("total", "step (compute + communication)") else None)
+    table.caption = (
+        "first-order estimate: MFU is an assumption; no overlap of communication with compute; CUDA context, "
+        "fragmentation and NCCL buffers not counted (see diablo_cli/scaling.py)"
+    )
+    return table
 
 
 def memory_table(rows: list[dict], settings: dict) -> Table:

@@ -97,6 +97,7 @@ def test_every_paper_alias_inspects_offline():
         "llama3.2-3b",
         "mistral-7b",
         "t5-base",
+        "llama2-70b",
     }
     assert inspect_model("llama3-8b").base_parameters == 8_030_261_248
     assert inspect_model("mistral-7b").base_parameters == 7_241_732_096
@@ -167,7 +168,7 @@ def test_cli_adapter_and_recipe(tmp_path):
     assert adapter.returncode == 0 and "DiaBlo adapter for tiny" in adapter.stdout
     recipe = run_cli("inspect", "configs/tiny.yaml")
     assert recipe.returncode == 0, recipe.stderr
-    assert "DiaBlo on tiny-random-llama" in recipe.stdout and "memory at micro batch" in recipe.stdout
+    assert "DiaBlo N=8 QKVOGUD on tiny-random-llama" in recipe.stdout and "memory at micro batch" in recipe.stdout
 
 
 def test_cli_errors_are_one_line():
@@ -235,3 +236,134 @@ def test_probe_measures_ranks_on_the_tiny_model():
         assert row.largest_n is None or row.largest_n >= math.ceil(row.r1_max * row.largest_n / row.in_features) * (
             math.ceil(row.r2_max * row.largest_n / row.out_features)
         )
+
+
+# Scaling: resources/models/tiny-llama.json by hand. Per layer: q, o 64×64; k, v 64×32 (2 KV heads of 16);
+# gate, up, down 64×176; two norms of 64. Untied embedding and head 128×64, a final norm; no dtype: bf16.
+TINY_LAYER_LINEAR = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176  # 46,080
+TINY_LAYER = TINY_LAYER_LINEAR + 2 * 64  # 46,208: the largest block ZeRO-3 gathers
+TINY_BASE = 3 * TINY_LAYER + 2 * 128 * 64 + 64  # 155,072
+TINY_LINEAR = 3 * TINY_LAYER_LINEAR + 128 * 64  # every matmul a token passes, the head included
+TINY_QKVUD_N4 = 3 * (64 * 64 + 2 * 64 * 32 + 2 * 64 * 176) // 4  # 23,040: N·(in/N)·(out/N) = in·out/N
+
+
+@pytest.fixture
+def tiny_config_dir(tmp_path):
+    from importlib.resources import files
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text((files("diablo_cli") / "resources/models/tiny-llama.json").read_text())
+    return str(folder)
+
+
+def tiny_scaling(folder, **settings):
+    return inspect_model(folder, blocks=[4], batch=2, seq_len=16, **settings)
+
+
+def test_scaling_memory_by_sharding_against_hand_counts(tiny_config_dir):
+    single = tiny_scaling(tiny_config_dir)
+    assert single.base_parameters == TINY_BASE and candidate(single, 4).trainable == TINY_QKVUD_N4
+    weights, trainable = TINY_BASE * 2, TINY_QKVUD_N4
+    one = single.scaling["memory"]
+    assert single.scaling["sharding"] == "none" and one["weights"] == weights and one["gathered_weights"] == 0
+    assert one["adapter_and_optimizer"] == trainable * (4 + 4 + 8)  # fp32 blocks and grads, AdamW's two moments
+    assert one["total"] == single.memory[0]["total"]  # one GPU: the same sum as the memory table's DiaBlo column
+    ddp = tiny_scaling(tiny_config_dir, gpus=4, sharding="ddp").scaling
+    assert ddp["memory"] == one  # replicated: nothing shrinks
+    assert tiny_scaling(tiny_config_dir, gpus=4).scaling["sharding"] == "ddp"  # the default on several GPUs
+    zero2 = tiny_scaling(tiny_config_dir, gpus=4, sharding="zero2").scaling["memory"]
+    assert zero2["weights"] == weights and zero2["adapter_parameters"] == trainable * 4
+    assert zero2["adapter_gradients"] == trainable * 4 / 4 and zero2["optimizer_states"] == trainable * 8 / 4
+    for name in ("zero3", "fsdp"):
+        zero3 = tiny_scaling(tiny_config_dir, gpus=4, sharding=name).scaling["memory"]
+        assert zero3["weights"] == weights / 4 and zero3["adapter_and_optimizer"] == trainable * 16 / 4
+        assert zero3["gathered_weights"] == TINY_LAYER * 2 * 3 / 4  # the other GPUs' 3/4 of one decoder layer
+        assert zero3["activations"] == one["activations"] and zero3["logits"] == one["logits"]  # per micro batch
+
+
+def test_scaling_flops_time_and_traffic_against_hand_counts(tiny_config_dir):
+    tokens, layers, width, seq = 2 * 16, 3, 64, 16
+    attention = 4 * layers * width * seq  # Q·Kᵀ and scores·V, forward
+    plain = 4 * TINY_LINEAR + 6 * TINY_QKVUD_N4 + 3 * attention
+    checkpointed = plain + 2 * (TINY_LINEAR - 128 * 64) + 2 * TINY_QKVUD_N4 + attention  # head not recomputed
+    scaling = tiny_scaling(tiny_config_dir, gpus=8, sharding="zero3", tokens=1_000_000).scaling
+    assert scaling["flops"]["total"] == plain
+    assert scaling["compute_seconds"] == pytest.approx(tokens * plain / (989e12 * 0.4))
+    share, weights, adapter = 7 / 8, TINY_BASE * 2, TINY_QKVUD_N4 * 4
+    assert scaling["traffic"]["weight_all_gather"] == pytest.approx(2 * share * weights)  # forward and backward
+    assert scaling["traffic"]["gradient_reduction"] == pytest.approx(share * adapter)  # trainable grads only
+    assert scaling["interconnect_gbps"] == 450  # NVLink within one node
+    assert scaling["communication_seconds"] == pytest.approx(scaling["traffic"]["total"] / 450e9)
+    assert scaling["steps"] == math.ceil(1_000_000 / (8 * tokens))
+    assert scaling["run_seconds"] == pytest.approx(scaling["steps"] * scaling["step_seconds"])
+    slow = tiny_scaling(
+        tiny_config_dir, gpus=64, sharding="ddp", gradient_checkpointing=True, mfu=0.25, gpu_tflops=312
+    ).scaling
+    assert slow["flops"]["total"] == checkpointed and slow["interconnect_gbps"] == 50  # 64 GPUs span nodes
+    assert slow["compute_seconds"] == pytest.approx(tokens * checkpointed / (312e12 * 0.25))
+    assert slow["traffic"]["total"] == pytest.approx(2 * 63 / 64 * adapter)  # ring all-reduce of the gradients
+    one = tiny_scaling(tiny_config_dir).scaling
+    assert one["traffic"]["total"] == 0 and one["communication_seconds"] == 0
+
+
+def test_scaling_errors_name_the_option(tiny_config_dir):
+    with pytest.raises(DiaBloError, match="--sharding 'zero4': choose one of none, ddp, zero2, zero3, fsdp"):
+        tiny_scaling(tiny_config_dir, sharding="zero4")
+    with pytest.raises(DiaBloError, match="--sharding none trains on one GPU"):
+        tiny_scaling(tiny_config_dir, gpus=8, sharding="none")
+    with pytest.raises(DiaBloError, match=r"--mfu 1\.5"):
+        tiny_scaling(tiny_config_dir, mfu=1.5)
+    from diablo_cli.scaling import parse_tokens
+
+    assert parse_tokens("100M") == 100_000_000 and parse_tokens("1.5B") == 1_500_000_000
+    with pytest.raises(DiaBloError, match="--tokens 'many'"):
+        parse_tokens("many")
+
+
+def test_llama2_70b_ships_its_published_config():
+    inspection = inspect_model("llama2-70b", budget="1%", dtype="bfloat16")
+    assert inspection.base_parameters == 68_976_648_192
+    assert {(m.module, m.in_features, m.out_features) for m in inspection.targeted} >= {
+        ("k_proj", 8192, 1024),  # 8 KV heads of 128
+        ("up_proj", 8192, 28672),
+    }
+    assert inspection.scaling["memory"]["weights"] / 2**30 == pytest.approx(128.48, abs=0.01)
+    assert not inspection.scaling["fits"]  # 129 GiB of bf16 weights on one 80 GiB GPU
+
+
+def test_lora_baseline_rank_and_snippet():
+    from diablo_cli.inspection import closest_lora_rank
+
+    # a budget is r·Σ(in+out): the nearest whole rank, the smaller on a tie, never below 1
+    assert [closest_lora_rank(x) for x in (38.4, 38.5, 38.51, 0.2)] == [38, 38, 39, 1]
+    paper = inspect_model("llama2-7b", blocks=[64])  # 70,254,592 / 1,753,088 = r 40.08
+    assert paper.lora_rank == 40
+    assert paper.lora_snippet == (
+        "adapter:\n  type: lora\n  r: 40\n  alpha: 80\n  dropout: 0.05\n  target_modules: QKVUD"
+    )
+    assert 40 * LLAMA2_7B_QKVUD_WIDTH <= candidate(paper, 64).trainable < 41 * LLAMA2_7B_QKVUD_WIDTH
+    budget = inspect_model("llama2-7b", budget="1%")  # N=68: r 38.39
+    assert budget.lora_rank == 38 == budget.memory_settings["lora_rank"]
+    assert inspect_model("llama2-7b", match_lora=32).lora_rank == 32
+    assert inspect_model("llama2-7b", blocks=[48, 96]).lora_snippet is None  # no single N chosen
+    named = inspect_model("llama2-7b", targets=["q_proj", "v_proj"], layers=(0, 15), blocks=[64])
+    assert named.lora_snippet.endswith("target_modules: [q_proj, v_proj]\n  layers: [0, 15]")
+
+
+def test_cli_scaling_table_lora_snippet_and_json():
+    shown = run_cli("inspect", "llama2-7b", "--blocks", "64", "--gpus", "8", "--sharding", "zero3", "--batch", "4")
+    assert shown.returncode == 0, shown.stderr
+    for text in ("training on 8 GPUs (zero3)", "first-order estimate", "1/8 shard", "100,000,000 tokens"):
+        assert text in shown.stdout
+    assert "type: lora" in shown.stdout and "r: 40" in shown.stdout and "alpha: 80" in shown.stdout
+    data = json.loads(run_cli("inspect", "llama2-70b", "--budget", "1%", "--gpus", "64", "--json").stdout)
+    assert data["scaling"]["gpus"] == 64 and data["scaling"]["sharding"] == "ddp"
+    assert data["scaling"]["interconnect_gbps"] == 50 and not data["scaling"]["fits"]
+    assert data["lora_rank"] == 79 and "r: 79" in data["lora_snippet"]
+
+
+def test_cli_bad_sharding_is_one_line():
+    bad = run_cli("inspect", "llama2-7b", "--sharding", "zero4")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    assert "--sharding 'zero4'" in bad.stderr and "none, ddp, zero2, zero3, fsdp" in bad.stderr

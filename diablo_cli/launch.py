@@ -17,9 +17,7 @@ from .errors import DiaBloError
 LAUNCHERS = ("none", "accelerate")
 
 
-def accelerate_command(
-    train_arguments: list[str], *, num_processes: int | None, config_file: Path | None
-) -> list[str]:
+def accelerate_command(train_arguments: list[str], *, num_processes: int | None, config_file: Path | None) -> list[str]:
     """The ``accelerate launch`` command line that runs ``diablo train TRAIN_ARGUMENTS`` in every process."""
     return [*accelerate_launcher(num_processes, config_file), "-m", "diablo_cli", "train", *train_arguments]
 

@@ -29,12 +29,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
-from .adapter import adapters_disabled, load_adapter, merge_diablo, read_adapter_config
+from .adapter import load_adapter, merge_diablo, read_adapter_config
 from .adapter.files import WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
 from .adapter.model import tied_parameter_names
 from .atomic import check_model_output_dir, move_into_place, read_json
 from .errors import DiaBloError
+from .methods import (
+    attach_saved_adapter,
+    is_adapter_parameter,
+    peft_adapter_config,
+    recorded_base,
+    saved_adapter_disabled,
+)
 from .models import (
     TORCH_DTYPES,
     base_quantization,
@@ -136,8 +143,9 @@ def merge_adapter(
     """
     started = time.perf_counter()
     adapter_dir = Path(adapter_dir)
-    document = read_adapter_config(adapter_dir)
-    base_name = base or (document.get("base_model") or {}).get("name_or_path")
+    peft_config = peft_adapter_config(adapter_dir)
+    document = peft_config if peft_config is not None else read_adapter_config(adapter_dir)
+    base_name = base or recorded_base(adapter_dir)
     if not base_name:
         raise DiaBloError(f"{adapter_dir}: the adapter does not record its base model; pass --base")
     output_dir = Path(output_dir) if output_dir is not None else adapter_dir.with_name(adapter_dir.name + "-merged")
@@ -156,7 +164,15 @@ def merge_adapter(
     progress = progress or (lambda phase, done, total: None)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-merging-", dir=output_dir.parent))
     try:
-        if quantized:
+        if peft_config is not None:
+            if quantized:
+                raise DiaBloError(
+                    f"{adapter_dir} is a PEFT {peft_config['peft_type']} adapter on a {quantized} base; diablo merge "
+                    "folds LoRA/DoRA into full-precision bases only: merge into the unquantized model (--base)"
+                )
+            progress(f"merging the PEFT {peft_config['peft_type']} adapter in memory", 0, None)
+            merge_peft_in_memory(adapter_dir, base_dir, staging, out_dtype, shard_limit, report, verify=verify)
+        elif quantized:
             progress(f"dequantizing the {quantized} base and merging in memory", 0, None)
             merge_in_memory(adapter_dir, base_dir, base_config, staging, out_dtype, shard_limit, report, verify=verify)
         else:
@@ -345,12 +361,12 @@ def reference_outputs(model, dtype: torch.dtype) -> ReferenceOutputs:
     probe = _probe_inputs(model.config)
     with torch.no_grad():
         expected = model(**probe).logits.float().cpu()
-        with adapters_disabled(model):
+        with saved_adapter_disabled(model):
             bare = model(**probe).logits.float().cpu()
             floor = 0.0
             if dtype != torch.float32:
                 for name, parameter in model.named_parameters():
-                    if parameter.is_floating_point() and not name.endswith(ADAPTER_PARAMETER):
+                    if parameter.is_floating_point() and not is_adapter_parameter(name):
                         parameter.copy_(parameter.to(dtype).float())
                 floor = (model(**probe).logits.float().cpu() - bare).abs().max().item()
     return ReferenceOutputs(probe, expected, bare, floor)
@@ -372,6 +388,23 @@ def compare_with_folder(reference: ReferenceOutputs, merged_dir: Path, dtype: to
         tokens=reference.probe["input_ids"].numel(),
         rounding_floor=reference.rounding_floor / scale,
     )
+
+
+def merge_peft_in_memory(
+    adapter_dir: Path, base_dir: Path, out: Path, dtype: torch.dtype, shard_limit: int, report: MergeReport, *, verify
+) -> None:
+    """The path for a ``type: lora | dora`` run: PEFT's own merge (``merge_and_unload``) on the fp32 base, saved
+    in ``dtype`` and checked against base+adapter the same way as a DiaBlo merge."""
+    model = attach_saved_adapter(load_model_folder(base_dir, torch.float32), adapter_dir)
+    reference = reference_outputs(model, dtype) if verify else None
+    merged = model.merge_and_unload()
+    merged.to(dtype).save_pretrained(out, safe_serialization=True, max_shard_size=shard_limit)
+    shards = sorted(out.glob("*.safetensors"))
+    report.shards, report.bytes_written = len(shards), sum(p.stat().st_size for p in shards)
+    report.tensors = len(merged.state_dict())
+    del model, merged
+    if reference is not None:
+        report.verification = compare_with_folder(reference, out, dtype)
 
 
 def merge_in_memory(
@@ -460,6 +493,8 @@ def write_model_card(out: Path, report: MergeReport, adapter_dir: Path, document
     """A short README.md naming the base, the adapter and the block settings, for whoever finds the folder."""
     config = document.get("config") or {}
     check = report.verification
+    peft = "peft_type" in document  # a `type: lora | dora` run
+    kind = ("DoRA" if document.get("use_dora") else document["peft_type"]) if peft else "DiaBlo"
     lines = [
         "---",
         "library_name: transformers",
@@ -469,16 +504,26 @@ def write_model_card(out: Path, report: MergeReport, adapter_dir: Path, document
         "",
         f"# {report.output_dir.name}",
         "",
-        f"{report.base} with a DiaBlo adapter merged into its weights by diablo-cli {__version__}: an ordinary",
+        f"{report.base} with a {kind} adapter merged into its weights by diablo-cli {__version__}: an ordinary",
         "transformers model, no diablo-cli needed to load it.",
         "",
         f"- base model: `{report.base}`",
-        f"- adapter: `{adapter_dir}` (id `{document.get('adapter_id')}`, {document.get('parameters', 0):,} parameters)",
-        f"- blocks: N={config.get('blocks')}, target modules `{config.get('target_modules')}`"
-        + (f", per module {config['blocks_by_module']}" if config.get("blocks_by_module") else "")
-        + (f", layers {config['layers']}" if config.get("layers") else ""),
-        f"- {len(document.get('modules', {}))} adapted layers; merged in fp32 and saved as {report.dtype}",
     ]
+    if peft:
+        lines += [
+            f"- adapter: `{adapter_dir}` (PEFT {kind}, r={document.get('r')}, alpha={document.get('lora_alpha')})",
+            f"- {len(document.get('target_modules') or [])} adapted layers; merged in fp32 by PEFT, saved as "
+            f"{report.dtype}",
+        ]
+    else:
+        lines += [
+            f"- adapter: `{adapter_dir}` (id `{document.get('adapter_id')}`, {document.get('parameters', 0):,} "
+            "parameters)",
+            f"- blocks: N={config.get('blocks')}, target modules `{config.get('target_modules')}`"
+            + (f", per module {config['blocks_by_module']}" if config.get("blocks_by_module") else "")
+            + (f", layers {config['layers']}" if config.get("layers") else ""),
+            f"- {len(document.get('modules', {}))} adapted layers; merged in fp32 and saved as {report.dtype}",
+        ]
     if report.dequantized:
         lines.append(
             f"- the quantized base was dequantized first ({report.dequantized}): this is a full-precision model"

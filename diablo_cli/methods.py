@@ -55,7 +55,11 @@ class TrainingMethod:
         """Lines printed under the parameter table."""
         return []
 
-    def save(self, model: nn.Module, directory: Path, *, base_model: str) -> None:
+    def save(
+        self, model: nn.Module, directory: Path, *, base_model: str, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write the deliverable; ``tensors`` (trainable name → whole tensor) stands in for the live parameters
+        when a sharded engine holds only pieces of them (see distributed.gather_trainable)."""
         raise NotImplementedError
 
     def restore(self, model: nn.Module, directory: Path) -> None:
@@ -81,8 +85,10 @@ class DiaBloMethod(TrainingMethod):
     def notes(self, model: nn.Module) -> list[str]:
         return [describe_kernel(model)]
 
-    def save(self, model: nn.Module, directory: Path, *, base_model: str) -> None:
-        save_adapter(model, directory, base_model=base_model, overwrite=True)
+    def save(
+        self, model: nn.Module, directory: Path, *, base_model: str, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        save_adapter(model, directory, base_model=base_model, overwrite=True, blocks=tensors)
 
     def restore(self, model: nn.Module, directory: Path) -> None:
         layers = adapted_layers(model)
@@ -124,9 +130,11 @@ class PeftLoraMethod(TrainingMethod):
         names = [name.removeprefix("base_model.model.") for name, module in model.named_modules() if _is_lora(module)]
         return [f"{self.section.describe()} through PEFT on {len(names)} layers: {describe_modules(names)}"]
 
-    def save(self, model: nn.Module, directory: Path, *, base_model: str) -> None:
-        with quiet_peft():
-            save_pretrained_into(model, directory, prefix=".peft-", safe_serialization=True)
+    def save(
+        self, model: nn.Module, directory: Path, *, base_model: str, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        with quiet_peft():  # PEFT keeps only the adapter's entries of state_dict
+            save_pretrained_into(model, directory, prefix=".peft-", safe_serialization=True, state_dict=tensors)
 
     def restore(self, model: nn.Module, directory: Path) -> None:
         peft = import_peft()
@@ -167,13 +175,15 @@ class FullFineTuning(TrainingMethod):
             ]
         return []
 
-    def save(self, model: nn.Module, directory: Path, *, base_model: str) -> None:
+    def save(
+        self, model: nn.Module, directory: Path, *, base_model: str, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
         from transformers.utils import logging as transformers_logging
 
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # a bar per checkpoint would break the step display
         try:
-            save_pretrained_into(model, directory, prefix=".model-", safe_serialization=True)
+            save_pretrained_into(model, directory, prefix=".model-", safe_serialization=True, state_dict=tensors)
         finally:
             if shown:
                 transformers_logging.enable_progress_bar()
@@ -268,3 +278,67 @@ def _copy_into(live: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], di
                     f"this run's has {tuple(parameter.shape)}"
                 )
             parameter.copy_(saved[key])
+
+
+def peft_adapter_config(directory: Path) -> dict | None:
+    """The PEFT config of a ``type: lora | dora`` run folder, or None when the folder holds no PEFT adapter."""
+    import json
+
+    path = Path(directory) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) and "peft_type" in document else None
+
+
+def recorded_base(directory: Path) -> str | None:
+    """The base a saved adapter was trained on: its run's recipe says it best (an alias such as smollm2-135m),
+    else what the adapter config recorded."""
+    from .evaluate.runner import read_saved_recipe
+
+    recipe = read_saved_recipe(directory)
+    if recipe and recipe.get("base_model"):
+        return recipe["base_model"]
+    peft_config = peft_adapter_config(directory)
+    if peft_config is not None:
+        return peft_config.get("base_model_name_or_path")
+    return (read_adapter_config(directory).get("base_model") or {}).get("name_or_path")
+
+
+def attach_saved_adapter(model: nn.Module, directory: Path) -> nn.Module:
+    """Put a saved adapter (DiaBlo, or PEFT LoRA/DoRA) on ``model`` for inference; returns the model to run."""
+    from .adapter import load_adapter
+
+    if peft_adapter_config(directory) is None:
+        return load_adapter(model, directory)
+    if not (Path(directory) / PEFT_WEIGHTS).is_file():
+        raise DiaBloError(f"{directory} has no {PEFT_WEIGHTS} (only safetensors adapter weights are loaded)")
+    peft = import_peft()
+    with quiet_peft():
+        return peft.PeftModel.from_pretrained(model, str(directory), is_trainable=False).eval()
+
+
+def detach_saved_adapter(model: nn.Module) -> nn.Module:
+    """Undo :func:`attach_saved_adapter`: the bare base, as it was."""
+    from .adapter import detach_diablo
+
+    if hasattr(model, "peft_config"):
+        return model.unload()
+    return detach_diablo(model)
+
+
+def saved_adapter_disabled(model: nn.Module):
+    """A context in which ``model`` computes as its bare base, whichever kind of adapter it carries."""
+    from .adapter import adapters_disabled
+
+    return model.disable_adapter() if hasattr(model, "peft_config") else adapters_disabled(model)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """A DiaBlo block tensor or a PEFT LoRA/DoRA weight, by its parameter name."""
+    from .adapter.layer import ADAPTER_PARAMETER
+
+    return name.endswith(ADAPTER_PARAMETER) or ".lora_" in name

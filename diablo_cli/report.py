@@ -59,7 +59,13 @@ def plot_loss_curve(metrics: list[dict], png_path: Path, title: str) -> Path | N
     """Training (and validation) loss against optimizer step, as a PNG; None when nothing was logged."""
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     validation = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
-    if not train and not validation:
+    curves = {"train loss": (train, {}), "validation loss": (validation, {"marker": "o"})}
+    return plot_curves({label: curve for label, curve in curves.items() if curve[0]}, png_path, title)
+
+
+def plot_curves(curves: dict[str, tuple[list[tuple[int, float]], dict]], png_path: Path, title: str) -> Path | None:
+    """Loss curves (label → ((step, loss) points, matplotlib line options)) on one set of axes, as a PNG."""
+    if not curves:
         return None
     import matplotlib
 
@@ -67,15 +73,13 @@ def plot_loss_curve(metrics: list[dict], png_path: Path, title: str) -> Path | N
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        axes.plot(*zip(*train, strict=True), label="train loss", linewidth=1.5)
-    if validation:
-        axes.plot(*zip(*validation, strict=True), "o-", label="validation loss", linewidth=1.5)
+    for label, (points, style) in curves.items():
+        axes.plot(*zip(*points, strict=True), label=label, **{"linewidth": 1.5, **style})
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (per supervised token)")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
     with atomic_path(png_path) as tmp:
         figure.savefig(tmp, format="png")

@@ -104,6 +104,10 @@ def test_full_fine_tuning_writes_a_standalone_model_and_resumes_exactly(tmp_path
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=TOKENS).logits, straight.model.eval()(input_ids=TOKENS).logits)
+    with pytest.raises(DiaBloError, match=r"is a model folder \(a `type: full` run\?\), not an adapter"):
+        from diablo_cli.merge import merge_adapter
+
+        merge_adapter(out, tmp_path / "merged")
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / "step-0000006", interrupted / "checkpoints" / "step-0000006")
@@ -117,3 +121,38 @@ def test_a_checkpoint_of_one_method_does_not_resume_another(tmp_path):
         run(tmp_path, resume="latest", name="run")  # the tiny recipe is DiaBlo
     with pytest.raises(DiaBloError, match=r"has no model\*\.safetensors \(is it from a full fine-tune\?\)"):
         run(tmp_path, "adapter.type=full", resume="latest", name="run")
+
+
+def test_diablo_eval_and_merge_take_a_lora_run_like_a_diablo_run(tmp_path):
+    """The same `diablo eval` rows and `diablo merge` for a PEFT run folder: the merged model computes what
+    base + LoRA computes, and scores example for example what the adapter scores."""
+    from transformers import AutoModelForCausalLM
+
+    from diablo_cli.evaluate.compare import build_plan, run_evaluation
+    from diablo_cli.evaluate.runner import EvalSettings, spec_from_name
+    from diablo_cli.merge import merge_adapter
+
+    trained, _ = run(tmp_path, "adapter.type=dora", "adapter.r=4", "training.learning_rate=1e-2", name="dora")
+    report = merge_adapter(trained.output_dir, tmp_path / "merged")
+    assert report.verification is not None and report.verification.passed
+    assert report.verification.adapter_effect > 10 * report.verification.max_abs
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        expected = trained.model.eval()(input_ids=TOKENS).logits
+        torch.testing.assert_close(merged(input_ids=TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "with a DoRA adapter merged" in card and "PEFT DoRA, r=4" in card
+
+    settings = EvalSettings(batch_size=4, limit=4, dtype="fp32")
+    plan = build_plan(
+        adapters=[trained.output_dir],
+        models=[str(tmp_path / "merged")],
+        specs=[spec_from_name("quickstart", max_new_tokens=6)],
+        settings=settings,
+    )
+    assert plan.base == "tiny-random-llama"  # the run's recipe names its base
+    result = run_evaluation(plan)
+    assert list(result.scores) == ["base", "dora", "merged"]
+    adapter_rows = [r for r in result.predictions if r["model"] == "dora"]
+    merged_rows = [r for r in result.predictions if r["model"] == "merged"]
+    assert [r["generation"] for r in adapter_rows] == [r["generation"] for r in merged_rows]

@@ -23,7 +23,7 @@ from ..atomic import atomic_path, write_text_atomic
 from ..errors import AdapterMismatchError, DiaBloError
 from .config import ADAPTER_DTYPES, DiaBloConfig, canonical_dtype
 from .layer import ADAPTER_PARAMETER, BlockLayout, linear_features
-from .model import CONFIG_ATTRIBUTE, adapted_layers, wrap_targets
+from .model import CONFIG_ATTRIBUTE, adapted_layers, bare_name, wrap_targets
 from .targets import Target
 
 CONFIG_FILE = "adapter_config.json"
@@ -33,14 +33,20 @@ FORMAT_VERSION = 1
 
 
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, *, base_model: str | None = None, overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    blocks: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's adapters to ``path`` (created if needed); returns the directory.
 
     ``base_model`` overrides the base name recorded in the config (default: the model's
-    ``name_or_path``). An existing adapter in ``path`` is replaced only with ``overwrite=True``.
+    ``name_or_path``). An existing adapter in ``path`` is replaced only with ``overwrite=True``. ``blocks``
+    (``{module}.diablo_blocks`` → tensor) replaces the layers' own tensors: a sharded engine's gathered copy.
     """
-    layers = adapted_layers(model)
+    layers = {bare_name(name): layer for name, layer in adapted_layers(model).items()}
     if not layers:
         raise DiaBloError("this model has no DiaBlo adapters to save; call attach_diablo first")
     if any(layer.merged for layer in layers.values()):
@@ -56,8 +62,9 @@ def save_adapter(
 
     adapter_id = uuid.uuid4().hex
     tensors = {
-        f"{name}.{ADAPTER_PARAMETER}": layer.diablo_blocks.detach().to("cpu").contiguous()
+        key: (blocks[key] if blocks is not None else layer.diablo_blocks).detach().to("cpu").contiguous()
         for name, layer in layers.items()
+        for key in [f"{name}.{ADAPTER_PARAMETER}"]
     }
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     config: DiaBloConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
@@ -95,6 +102,11 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise DiaBloError(f"adapter directory {directory} does not exist")
+    if not config_path.is_file() and (directory / "config.json").is_file():
+        raise DiaBloError(
+            f"{directory} is a model folder (a `type: full` run?), not an adapter: use it as a model "
+            "(diablo eval --model DIR), it needs no merge"
+        )
     if not config_path.is_file():
         raise DiaBloError(
             f"{directory} has no {CONFIG_FILE}; a DiaBlo adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}"

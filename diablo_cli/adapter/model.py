@@ -24,6 +24,17 @@ def adapted_layers(model: nn.Module) -> dict[str, DiaBloLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, DiaBloLinear)}
 
 
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def bare_name(name: str) -> str:
+    """A module or parameter name as the bare model has it: without the path segments that FSDP, activation
+    checkpoint wrappers and torch.compile insert."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 def attach_diablo(model: nn.Module, config: DiaBloConfig) -> nn.Module:
     """Wrap the layers ``config`` selects with zero-initialised DiaBlo adapters, in place.
 

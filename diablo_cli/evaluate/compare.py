@@ -50,15 +50,14 @@ def plan_rows(
     the template its own saved recipe trained with; the base row uses the first adapter's (so the two differ
     only by the adapter); ``template`` (``--template``) overrides them all.
     """
-    from ..adapter.files import read_adapter_config
+    from ..methods import recorded_base
 
     notes: list[str] = []
     rows: list[ModelRow] = []
     adapter_templates: list[str | None] = []
     recorded_bases: list[str | None] = []
     for directory in adapters:
-        document = read_adapter_config(directory)
-        recorded_bases.append((document.get("base_model") or {}).get("name_or_path"))
+        recorded_bases.append(recorded_base(directory))
         adapter_templates.append(training_template(read_saved_recipe(directory)))
     base = base or recipe_base or next((b for b in recorded_bases if b), None)
     if adapters and base is None:
@@ -102,7 +101,7 @@ def run_evaluation(
 
     ``progress(label)`` returns the per-task progress callback for a row (the CLI draws a bar with it).
     """
-    from ..adapter import detach_diablo, load_adapter
+    from ..methods import attach_saved_adapter, detach_saved_adapter
     from ..models import load_base_model
     from ..quantize.trainable import prepare_quantized_training
 
@@ -137,12 +136,12 @@ def run_evaluation(
         model, tokenizer = load(plan.base, plan.base_dtype or settings.dtype)
         for row in shared_rows:
             if row.adapter is not None:
-                load_adapter(model, row.adapter)
+                model = attach_saved_adapter(model, row.adapter)
             try:
                 score(model, tokenizer, row)
             finally:
                 if row.adapter is not None:
-                    detach_diablo(model)
+                    model = detach_saved_adapter(model)
         del model
         gc.collect()
     for row in plan.rows:

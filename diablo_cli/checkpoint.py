@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,15 +70,19 @@ def save_checkpoint(
     *,
     keep: int | None,
     process_rng_states: list[dict[str, torch.Tensor]] | None = None,
+    trainable: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint of the whole run. ``process_rng_states``: every process's torch RNG states, in rank
-    order (``torch_rng_states()`` on each), so that dropout resumes exactly on every rank; default this one's."""
+    order (``torch_rng_states()`` on each), so that dropout resumes exactly on every rank; default this one's.
+    Under a sharding engine ``trainable`` and ``optimizer_state`` are the gathered, unsharded weights and optimizer
+    state (diablo_cli.distributed), so that the checkpoint is the same as one process would write."""
     target = checkpoint_dir(output_dir, state.global_step)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        method.save(model, staging, base_model=state.recipe.get("base_model"))
-        tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+        method.save(model, staging, base_model=state.recipe.get("base_model"), tensors=trainable)
+        tensors, optimizer_meta = _flatten_optimizer(optimizer_state or optimizer.state_dict())
         save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
         ranks = process_rng_states or [torch_rng_states()]
         rng = {f"rank{r}.{key}" if r else key: t for r, states in enumerate(ranks) for key, t in states.items()}
@@ -116,18 +121,17 @@ def find_checkpoint(output_dir: Path, requested: str) -> Path:
 
 def load_checkpoint(
     path: Path,
-    method: TrainingMethod,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    load_optimizer_state: Callable[[dict[str, Any]], None],
     scheduler: Any,
     *,
     rank: int = 0,
 ) -> TrainerState:
-    """Restore trainable weights, optimizer, scheduler and RNG states in place; returns the saved position.
-    Process ``rank`` takes its own torch RNG states (rank 0's when the checkpoint had fewer processes)."""
+    """Restore the optimizer (through ``load_optimizer_state``, e.g. an optimizer's ``load_state_dict``), the
+    scheduler and the RNG states in place; returns the saved position. The trainable weights are the method's
+    ``restore``, called before accelerate shards the model. Process ``rank`` takes its own torch RNG states
+    (rank 0's when the checkpoint had fewer processes)."""
     document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    method.restore(model, path)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / OPTIMIZER_FILE)), document["optimizer"]))
+    load_optimizer_state(_unflatten_optimizer(load_file(str(path / OPTIMIZER_FILE)), document["optimizer"]))
     scheduler.load_state_dict(document["scheduler"])
     _restore_torch_rng(_rank_states(load_file(str(path / RNG_FILE)), rank))
     random.setstate(_python_rng_state(document["python_rng"]))

@@ -32,6 +32,17 @@ from .checkpoint import (
     save_checkpoint,
     torch_rng_states,
 )
+from .distributed import (
+    accelerator_on_cpu,
+    backward,
+    clip_gradients,
+    configure_sharding,
+    full_optimizer_state,
+    gather_trainable,
+    is_sharded,
+    load_full_optimizer_state,
+    sharding_engine,
+)
 from .errors import DiaBloError, TrainingStopped
 from .methods import TrainingMethod, training_method
 from .models import base_quantization, load_base_model
@@ -71,7 +82,7 @@ def train(
     console = console or Console()
     training = recipe.training
     optimizer_cls, optimizer_kwargs = optimizer_class(recipe)  # before Accelerator: it resets accelerate's state
-    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=accelerator_on_cpu())
     main = accelerator.is_main_process
     output_dir = Path(recipe.output.dir)
     if main:
@@ -100,6 +111,20 @@ def train(
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    engine = sharding_engine(accelerator)
+    sharding_notes = configure_sharding(
+        accelerator,
+        model,
+        micro_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_grad_norm=training.max_grad_norm,
+    )
+    if main:
+        for line in sharding_notes:
+            console.print(line)
+    checkpoint = find_checkpoint(output_dir, resume) if resume is not None else None
+    if checkpoint is not None:  # the weights go in before accelerate shards them; the optimizer's state after
+        method.restore(model, checkpoint)
 
     import datasets
 
@@ -123,17 +148,25 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = TrainerState(recipe=recipe.model_dump(mode="json"), data_fingerprint=data.train._fingerprint)
-    if resume is not None:
-        checkpoint = find_checkpoint(output_dir, resume)
+    if checkpoint is not None:
         state = load_checkpoint(
-            checkpoint, method, accelerator.unwrap_model(model), optimizer, scheduler, rank=accelerator.process_index
+            checkpoint,
+            lambda saved: load_full_optimizer_state(accelerator, model, optimizer, engine, saved),
+            scheduler,
+            rank=accelerator.process_index,
         )
         if main:
             _warn_on_resume_differences(console, state, recipe, data.train._fingerprint, checkpoint)
         state.recipe = recipe.model_dump(mode="json")
 
     eval_before: dict[str, float] = {}
-    if recipe.eval.tasks and recipe.eval.compare_base and resume is None and main:
+    eval_tasks = recipe.eval.tasks if not is_sharded(engine) else []
+    if recipe.eval.tasks and not eval_tasks and main:
+        console.print(
+            f"eval: the model is sharded over {processes} processes under {engine}, and generation runs on one; "
+            f"score the saved {method.deliverable} with diablo eval afterwards"
+        )
+    if eval_tasks and recipe.eval.compare_base and resume is None and main:
         eval_before = run_eval_tasks(recipe, accelerator.unwrap_model(model), tokenizer, console, label="base")
 
     metrics = None
@@ -166,6 +199,7 @@ def train(
         metrics,
         output_dir,
         batches_per_epoch,
+        engine,
     )
     started = time.perf_counter()
     try:
@@ -177,13 +211,14 @@ def train(
     seconds = time.perf_counter() - started
 
     unwrapped = accelerator.unwrap_model(model)
+    gathered = gather_trainable(accelerator, model, engine) if is_sharded(engine) else None  # every rank takes part
     eval_after: dict[str, float] = {}
     if main:
-        method.save(unwrapped, output_dir, base_model=recipe.base_model)
+        method.save(unwrapped, output_dir, base_model=recipe.base_model, tensors=gathered)
         if recipe.output.save_tokenizer:
             save_pretrained_into(tokenizer, output_dir, prefix=".tokenizer-")
         plot_loss_curve(read_metrics(output_dir / METRICS_FILE), output_dir / LOSS_PLOT, title=_plot_title(recipe))
-        if recipe.eval.tasks:
+        if eval_tasks:
             eval_after = run_eval_tasks(recipe, unwrapped, tokenizer, console, label="fine-tuned")
     accelerator.wait_for_everyone()
     tokens_per_second = loop.tokens_this_session / seconds if seconds else 0.0
@@ -228,8 +263,10 @@ class _Loop:
         metrics,
         output_dir,
         batches_per_epoch,
+        engine: str = "none",
     ):
         self.recipe, self.training, self.method = recipe, recipe.training, method
+        self.engine = engine  # distributed.sharding_engine: how backward, clipping and checkpoints go
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.data, self.collator, self.state, self.metrics, self.output_dir = data, collator, state, metrics, output_dir
         self.tokens_this_session = 0
@@ -299,7 +336,7 @@ class _Loop:
                 # averages gradients over processes, which the factor undoes.
                 loss = model(**batch, num_items_in_batch=supervised_all, use_cache=False).loss
                 loss = loss * accelerator.num_processes
-                accelerator.backward(loss)
+                backward(accelerator, model, loss, window_end=last, engine=self.engine)
             window_loss += loss.detach().float().item() / accelerator.num_processes
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             self._window_tokens += tokens
@@ -308,8 +345,8 @@ class _Loop:
             self._stop_for_nan(window_loss)
         self._grad_norm = None
         if self.training.max_grad_norm:
-            self._grad_norm = float(accelerator.clip_grad_norm_(self._trainable(), self.training.max_grad_norm))
-        self.optimizer.step()
+            self._grad_norm = clip_gradients(accelerator, model, self.training.max_grad_norm, self.engine)
+        self.optimizer.step()  # under DeepSpeed a no-op: the engine stepped at the window's end
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
@@ -372,6 +409,10 @@ class _Loop:
 
         self.accelerator.wait_for_everyone()
         rng_states = gather_object([torch_rng_states()])  # every rank's, so that dropout resumes on each
+        trainable = optimizer_state = None
+        if is_sharded(self.engine):  # gathered collectively: every rank takes part, rank 0 writes
+            trainable = gather_trainable(self.accelerator, self.model, self.engine)
+            optimizer_state = full_optimizer_state(self.accelerator, self.model, self.optimizer, self.engine)
         path = None
         if self.accelerator.is_main_process:
             path = save_checkpoint(
@@ -383,6 +424,8 @@ class _Loop:
                 self.state,
                 keep=self.training.save_total_limit,
                 process_rng_states=rng_states,
+                trainable=trainable,
+                optimizer_state=optimizer_state,
             )
         self.accelerator.wait_for_everyone()
         return path
@@ -405,9 +448,6 @@ class _Loop:
             f"{kept}. Lower training.learning_rate or check the data",
             exit_code=3,
         )
-
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
 
 def optimizer_class(recipe: Recipe) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:

@@ -97,3 +97,49 @@ def test_launcher_options_are_checked_before_any_process_starts(tmp_path, capsys
     assert "adapter.blcks: unknown key" in error_of("--launcher", "accelerate", "--set", "adapter.blcks=3")
     missing = str(tmp_path / "nope.yaml")
     assert "no such file" in error_of("--launcher", "accelerate", "--accelerate-config", missing)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_diablo_train_under_deepspeed_zero_on_two_cpu_processes_checkpoints_and_resumes(tmp_path, stage, monkeypatch):
+    """The whole train.py path under a sharding engine: `diablo train --accelerate-config deepspeed-zeroN` on 2 CPU
+    processes (DeepSpeed's CPU accelerator over gloo) trains what one process trains with the same global batch,
+    saves the gathered adapter, and its step-6 checkpoint (gathered weights and optimizer state: the one-process
+    format) resumes both under DeepSpeed and in one plain process to the same losses."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (it is optional)")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # inherited by the launched processes
+    settings = ["--set", "logging.progress=false", "--set", "training.micro_batch_size=2"]
+    diablo = [sys.executable, "-m", "diablo_cli", "train", str(TINY), *settings]
+    config = ROOT / "configs" / "accelerate" / f"deepspeed-zero{stage}.yaml"
+    parallel = ["--launcher", "accelerate", "--num-processes", "2", "--accelerate-config", str(config)]
+    sharded = tmp_path / "sharded"
+    done = launch([*diablo, "-o", str(sharded), *parallel], timeout=600)
+    assert f"deepspeed: ZeRO-{stage}, 1 micro-batch per step, clips at 1.0" in done.stdout
+    assert "global batch 2 × 1 accumulation × 2 process(es) = 4 examples" in done.stdout
+    assert done.stdout.count("done:") == 1
+
+    one = train(
+        load_recipe(TINY, [f"output.dir={tmp_path / 'one'}", "logging.progress=false", "adapter.kernel=blocks"]),
+        console=Console(file=io.StringIO()),
+    )
+    expected, got = losses(one.output_dir), losses(sharded)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-6)
+    saved, single = (
+        load_file(sharded / "adapter_model.safetensors"),
+        load_file(one.output_dir / "adapter_model.safetensors"),
+    )
+    assert saved.keys() == single.keys()
+    for key, blocks in saved.items():
+        torch.testing.assert_close(blocks, single[key], rtol=1e-3, atol=1e-6)
+
+    checkpoint = sharded / "checkpoints" / "step-0000006"
+    alone = ["--set", "training.micro_batch_size=4", "--set", "adapter.kernel=blocks"]  # the same global batch
+    for name, launcher in {"deepspeed": parallel, "one process": alone}.items():
+        resumed = tmp_path / name.replace(" ", "-")
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copytree(checkpoint, resumed / "checkpoints" / checkpoint.name)
+        done = launch([*diablo, "-o", str(resumed), *launcher, "--resume"], timeout=600)
+        assert "at step 6" in done.stdout
+        for step in range(7, 13):
+            assert losses(resumed)[step] == pytest.approx(got[step], rel=1e-5, abs=1e-6), (name, step)

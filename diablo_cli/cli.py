@@ -61,7 +61,10 @@ def train(
         None, "--num-processes", help="With --launcher accelerate: how many processes (GPUs, or CPU processes)."
     ),
     accelerate_config: Path | None = typer.Option(
-        None, "--accelerate-config", help="With --launcher accelerate: an accelerate config, e.g. configs/accelerate/"
+        None,
+        "--accelerate-config",
+        help="With --launcher accelerate: an accelerate config file, or ddp | fsdp | fsdp2 | zero2 | zero3 "
+        "(configs/accelerate/).",
     ),
 ) -> None:
     """Fine-tune a base model with DiaBlo as a recipe says; the adapter goes to the output dir."""
@@ -86,7 +89,10 @@ def train(
     if launcher == "accelerate":
         arguments = [str(recipe), *(f"--set={value}" for value in overrides)]
         arguments += ["--resume", resume] if resume is not None else []
-        code = launch_with_accelerate(arguments, num_processes=num_processes, config_file=accelerate_config)
+        from .distributed import accelerate_config_path
+
+        config_file = accelerate_config_path(accelerate_config) if accelerate_config is not None else None
+        code = launch_with_accelerate(arguments, num_processes=num_processes, config_file=config_file)
         raise typer.Exit(code)
     run_training(loaded, resume=resume)
 

@@ -35,7 +35,6 @@ from diablo_cli.distributed import (
 from diablo_cli.errors import DiaBloError
 
 ROOT = Path(__file__).parents[1]
-WORKER = ROOT / "tests" / "data" / "fsdp_ranks.py"
 FP32_TRAINABLE = (torch.float32, True)
 BF16_FROZEN = (torch.bfloat16, False)
 
@@ -402,26 +401,30 @@ def test_deepspeed_optimizer_offload_keeps_torchs_adamw():
 # --- real FSDP on CPU -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory) -> dict[str, dict]:
-    """Run tests/data/fsdp_ranks.py once: 2 processes over gloo, FSDP1 and FSDP2 (about 10 s)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
-    results = tmp_path_factory.mktemp("fsdp")
+def run_rank_script(script: str, results: Path, timeout: int, **environment: str) -> dict[str, dict]:
+    """Run tests/data/SCRIPT (it spawns 2 processes over gloo on a free port) and read the RESULTS/<variant>.json
+    that its rank 0 writes."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(WORKER), str(results), port],
+        [sys.executable, str(ROOT / "tests" / "data" / script), str(results), port],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         cwd=ROOT,
-        env=environment,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **environment},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory) -> dict[str, dict]:
+    """tests/data/fsdp_ranks.py, once: FSDP1 and FSDP2 (about 15 s)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    return run_rank_script("fsdp_ranks.py", tmp_path_factory.mktemp("fsdp"), timeout=240)
 
 
 def outcome(results: dict[str, dict], variant: str) -> dict:
@@ -481,23 +484,11 @@ def test_fsdp1_rank0_loading_with_sync_module_states(fsdp_results):
 
 @pytest.fixture(scope="module")
 def deepspeed_results(tmp_path_factory) -> dict[str, dict]:
-    """Run tests/data/deepspeed_ranks.py once: ZeRO-2 and ZeRO-3, 2 processes over gloo (about 15 s)."""
+    """tests/data/deepspeed_ranks.py, once: ZeRO-2 and ZeRO-3 on DeepSpeed's CPU accelerator (about 30 s)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (it is optional)")
-    results = tmp_path_factory.mktemp("deepspeed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "data" / "deepspeed_ranks.py"), str(results), port],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=environment,
+    return run_rank_script(
+        "deepspeed_ranks.py", tmp_path_factory.mktemp("deepspeed"), timeout=300, DS_ACCELERATOR="cpu"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
 
 
 def test_deepspeed_zero2_on_cpu_trains_fp32_blocks_exactly_as_one_process(deepspeed_results):

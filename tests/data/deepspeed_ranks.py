@@ -10,7 +10,6 @@ ZeRO-3 builds the base under ``deepspeed.zero.Init`` first, as transformers does
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -23,48 +22,14 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for conftest's tiny model
 
-LEARNING_RATE = 1e-2
-MICRO_BATCH = 2
-
-
-def batch(rank: int) -> torch.Tensor:
-    return torch.randint(0, 128, (MICRO_BATCH, 12), generator=torch.Generator().manual_seed(100 + rank))
-
-
-def reference(model) -> dict:
-    """One process, no sharding: the mean loss over both ranks' batches, its gradients, one AdamW step, the
-    optimizer's state after it, and a second step (what a resumed run must reproduce)."""
-    model = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
-    losses = [model(input_ids=batch(r), labels=batch(r)).loss for r in range(2)]
-    (sum(losses) / 2).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer.step()
-    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state = copy.deepcopy(optimizer.state_dict())
-    optimizer.zero_grad()
-    (sum(model(input_ids=batch(r), labels=batch(r)).loss for r in range(2)) / 2).backward()
-    optimizer.step()
-    second = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"loss": losses[0].item(), "grads": grads, "after": after, "optimizer": state, "second": second}
-
-
-def relative(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    return max(((got[n].float() - want[n]).abs().max() / want[n].abs().max()).item() for n in want)
-
-
-def state_difference(got: dict, want: dict) -> float:
-    """The worst relative difference between two torch optimizer state dicts (same numbering)."""
-    if set(got["state"]) != set(want["state"]):
-        return float("inf")
-    return max(
-        (
-            (torch.as_tensor(got["state"][i][key]).float() - torch.as_tensor(value).float()).abs().max()
-            / torch.as_tensor(value).float().abs().max().clamp_min(1e-12)
-        ).item()
-        for i, values in want["state"].items()
-        for key, value in values.items()
-    )
+from rank_reference import (
+    LEARNING_RATE,
+    MICRO_BATCH,
+    batch,
+    optimizer_state_difference,
+    unsharded_steps,
+    worst_relative,
+)
 
 
 def diablo_config():
@@ -131,9 +96,7 @@ def run(rank: int, stage: int) -> dict:
     model, accelerator, plugin = build(stage)
     unsharded = diablo_cli.attach_diablo(tiny_llama(dtype=torch.bfloat16), diablo_config())
     randomize_adapters(unsharded)
-    for layer in diablo_cli.adapted_layers(unsharded).values():
-        layer.kernel = "blocks"
-    want = reference(unsharded.train()) if rank == 0 else None
+    want = unsharded_steps(unsharded, weight_decay=0.01) if rank == 0 else None
 
     engine, notes = initialize(model, accelerator, plugin)
     q_proj = engine.module.model.layers[0].self_attn.q_proj
@@ -144,7 +107,7 @@ def run(rank: int, stage: int) -> dict:
     engine.step()
     after = gather_trainable(accelerator, engine, engine_name)  # what train.py saves
     state = full_optimizer_state(accelerator, engine, None, engine_name)  # what its checkpoints hold
-    state_worst = state_difference(state, want["optimizer"]) if rank == 0 else None
+    state_worst = optimizer_state_difference(state, want["optimizer"]) if rank == 0 else None
     step = engine(input_ids=batch(rank), labels=batch(rank)).loss  # the run going on uninterrupted
     backward(accelerator, engine, step, window_end=True, engine=engine_name)
     continued = gather_trainable(accelerator, engine, engine_name)
@@ -164,11 +127,11 @@ def run(rank: int, stage: int) -> dict:
         "dtypes": dtypes,
         "loss": loss.item(),
         "reference_loss": want["loss"],
-        "grads": relative(grads, want["grads"]),
-        "after_step": relative(after, want["after"]),
+        "grads": worst_relative(grads, want["grads"]),
+        "after_step": worst_relative(after, want["after"]),
         "optimizer_state": state_worst,
-        "resumed_step": relative(second, want["second"]),
-        "resumed_vs_continued": relative(second, continued),
+        "resumed_step": worst_relative(second, want["second"]),
+        "resumed_vs_continued": worst_relative(second, continued),
     }
 
 

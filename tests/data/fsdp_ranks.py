@@ -11,7 +11,6 @@ model on the meta device and receives rank 0's weights, as with accelerate's cpu
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -25,12 +24,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for conftest's tiny model
 
-LEARNING_RATE = 1e-2
+from rank_reference import (
+    LEARNING_RATE,
+    batch,
+    optimizer_state_difference,
+    unsharded_steps,
+    worst_relative,
+)
+
 CONFIG = {"blocks": 4, "target_modules": "QKVOGUD", "kernel": "auto"}  # auto: configure_sharding must switch it
-
-
-def batch(rank: int) -> torch.Tensor:
-    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(100 + rank))
 
 
 def build_model(on_meta: bool):
@@ -68,48 +70,6 @@ def fake_accelerator(plugin, fsdp2: bool):
     )
 
 
-def reference(model) -> dict:
-    """One process, no sharding: the mean loss gradient over both ranks' batches, its norm, one AdamW step, the
-    optimizer's state after it, and a second step (what a resumed run must reproduce). With the blocks kernel, as
-    configure_sharding sets it for the sharded runs (fold would round W0 + D to bf16)."""
-    from diablo_cli import adapted_layers
-
-    model = copy.deepcopy(model)
-    for layer in adapted_layers(model).values():
-        layer.kernel = "blocks"
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.0)
-    loss = sum(model(input_ids=batch(r), labels=batch(r)).loss for r in range(2)) / 2
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item()
-    optimizer.step()
-    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state = copy.deepcopy(optimizer.state_dict())
-    optimizer.zero_grad()
-    (sum(model(input_ids=batch(r), labels=batch(r)).loss for r in range(2)) / 2).backward()
-    optimizer.step()
-    second = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"grads": grads, "norm": norm, "after": after, "optimizer": state, "second": second}
-
-
-def compare_optimizer_state(got: dict, want: dict) -> float:
-    """The worst relative difference between two torch optimizer state dicts (same numbering), or inf when
-    their structure differs."""
-    if set(got["state"]) != set(want["state"]) or len(got["param_groups"]) != len(want["param_groups"]):
-        return float("inf")
-    if [g["params"] for g in got["param_groups"]] != [g["params"] for g in want["param_groups"]]:
-        return float("inf")
-    worst = 0.0
-    for index, values in want["state"].items():
-        for key, value in values.items():
-            mine = torch.as_tensor(got["state"][index][key], dtype=torch.float32)
-            value = torch.as_tensor(value, dtype=torch.float32)
-            difference = ((mine - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
-            worst = max(worst, difference)
-    return worst
-
-
 def shared(value):
     """Rank 0's value on every rank: what each process reads from the checkpoint file when a run resumes."""
     box = [value]
@@ -119,20 +79,34 @@ def shared(value):
 
 def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict:
     missing = sorted(set(want) - set(got))
-    worst = max(
-        ((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-12)).item() for n in want if n in got
-    )
+    worst = worst_relative(got, {n: t for n, t in want.items() if n in got})
     return {"missing": missing, "worst_relative_difference": worst, "count": len(got)}
+
+
+def resume_and_step(rank: int, weights: dict, state: dict, prepare) -> dict[str, torch.Tensor]:
+    """What train.py does with a checkpoint under FSDP: a fresh model takes the weights before wrapping
+    (``prepare(model)`` → accelerator, wrapped model, optimizer) and the optimizer state after; then one step. Every
+    rank reads the checkpoint, so rank 0's gathered values go to all. Returns the gathered weights after the step."""
+    from diablo_cli.distributed import gather_trainable, load_full_optimizer_state
+
+    weights, state = shared(weights), shared(state)
+    fresh = build_model(on_meta=False)
+    fresh.load_state_dict(weights, strict=False)
+    accelerator, wrapped, optimizer = prepare(fresh)[:3]
+    load_full_optimizer_state(accelerator, wrapped, optimizer, "fsdp", state)
+    wrapped(input_ids=batch(rank), labels=batch(rank)).loss.backward()
+    optimizer.step()
+    return gather_trainable(accelerator, wrapped, "fsdp")
 
 
 def run_fsdp1(rank: int, on_meta: bool = False) -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from diablo_cli.adapter.model import bare_name
-    from diablo_cli.distributed import full_optimizer_state, gather_trainable, load_full_optimizer_state
+    from diablo_cli.distributed import full_optimizer_state, gather_trainable
 
     model = build_model(on_meta=on_meta and rank == 1)
-    want = reference(model) if rank == 0 else None
+    want = unsharded_steps(model, weight_decay=0.0) if rank == 0 else None
     accelerator, wrapped, optimizer, notes = wrap_fsdp1(model, on_meta=on_meta)
     kernels = sorted({layer.kernel for layer in model.modules() if hasattr(layer, "diablo_blocks")})
     units = [unit for unit in FSDP.fsdp_modules(wrapped) if unit._has_params]
@@ -150,18 +124,10 @@ def run_fsdp1(rank: int, on_meta: bool = False) -> dict:
     optimizer.step()
     after = gather_trainable(accelerator, wrapped, "fsdp")  # what train.py saves (complete on rank 0)
     state = full_optimizer_state(accelerator, wrapped, optimizer, "fsdp")  # what its checkpoints hold
-    state_difference = compare_optimizer_state(state, want["optimizer"]) if rank == 0 else None
+    state_difference = optimizer_state_difference(state, want["optimizer"]) if rank == 0 else None
     local_norms = [torch.zeros(()) for _ in range(2)]
     dist.all_gather(local_norms, torch.tensor(local_norm))
-    # resume: a fresh model takes the checkpoint's weights before wrapping and its optimizer state after, then steps
-    saved_weights, saved_state = shared(after), shared(state)
-    fresh = build_model(on_meta=False)
-    fresh.load_state_dict(saved_weights, strict=False)
-    accelerator, wrapped, optimizer, _ = wrap_fsdp1(fresh, on_meta=False)
-    load_full_optimizer_state(accelerator, wrapped, optimizer, "fsdp", saved_state)
-    wrapped(input_ids=batch(rank), labels=batch(rank)).loss.backward()
-    optimizer.step()
-    second = gather_trainable(accelerator, wrapped, "fsdp")
+    second = resume_and_step(rank, after, state, lambda model: wrap_fsdp1(model, on_meta=False))
     if rank != 0:
         return {}
     return {
@@ -216,7 +182,6 @@ def run_fsdp2(rank: int) -> dict:
         configure_sharding,
         full_optimizer_state,
         gather_trainable,
-        load_full_optimizer_state,
     )
 
     def prepared(model):
@@ -229,7 +194,7 @@ def run_fsdp2(rank: int) -> dict:
         return accelerator, model, torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.0), notes
 
     model = build_model(on_meta=False)
-    want = reference(model) if rank == 0 else None
+    want = unsharded_steps(model, weight_decay=0.0) if rank == 0 else None
     accelerator, model, optimizer, notes = prepared(model)
     sharded = sum(isinstance(p, DTensor) for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -241,15 +206,8 @@ def run_fsdp2(rank: int) -> dict:
     optimizer.step()
     after = gather_trainable(accelerator, model, "fsdp")
     state = full_optimizer_state(accelerator, model, optimizer, "fsdp")
-    state_difference = compare_optimizer_state(state, want["optimizer"]) if rank == 0 else None
-    saved_weights, saved_state = shared(after), shared(state)
-    fresh = build_model(on_meta=False)
-    fresh.load_state_dict(saved_weights, strict=False)
-    accelerator, fresh, optimizer, _ = prepared(fresh)
-    load_full_optimizer_state(accelerator, fresh, optimizer, "fsdp", saved_state)
-    fresh(input_ids=batch(rank), labels=batch(rank)).loss.backward()
-    optimizer.step()
-    second = gather_trainable(accelerator, fresh, "fsdp")
+    state_difference = optimizer_state_difference(state, want["optimizer"]) if rank == 0 else None
+    second = resume_and_step(rank, after, state, prepared)
     if rank != 0:
         return {}
     return {

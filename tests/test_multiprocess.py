@@ -97,6 +97,21 @@ def test_launcher_options_are_checked_before_any_process_starts(tmp_path, capsys
     assert "adapter.blcks: unknown key" in error_of("--launcher", "accelerate", "--set", "adapter.blcks=3")
     missing = str(tmp_path / "nope.yaml")
     assert "no such file" in error_of("--launcher", "accelerate", "--accelerate-config", missing)
+    assert "one of ddp, deepspeed-zero2, deepspeed-zero3, fsdp, fsdp2, zero2, zero3" in error_of(
+        "--launcher", "accelerate", "--accelerate-config", "zero4"
+    )
+
+
+def test_accelerate_config_short_names_reach_the_launcher(monkeypatch):
+    from diablo_cli import launch
+    from diablo_cli.cli import main
+
+    started = {}
+    monkeypatch.setattr(launch, "launch_with_accelerate", lambda arguments, **options: started.update(options) or 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(TINY), "--launcher", "accelerate", "--num-processes", "4", "--accelerate-config", "zero3"])
+    assert exit_info.value.code == 0
+    assert started == {"num_processes": 4, "config_file": ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"}
 
 
 @pytest.mark.parametrize("stage", [2, 3])

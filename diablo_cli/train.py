@@ -443,8 +443,14 @@ class _Loop:
 
         found = list_checkpoints(self.output_dir)
         kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before it"
+        # DeepSpeed steps inside the window's last backward, before the loss is known everywhere
+        updated = (
+            "DeepSpeed had already applied the step"
+            if self.engine.startswith("deepspeed")
+            else ("stopped without updating the adapter")
+        )
         raise TrainingStopped(
-            f"loss became {loss} at step {self.state.global_step + 1}; stopped without updating the adapter; "
+            f"loss became {loss} at step {self.state.global_step + 1}; {updated}; "
             f"{kept}. Lower training.learning_rate or check the data",
             exit_code=3,
         )

@@ -148,18 +148,11 @@ def test_bnb_4bit_cpu_repacking_cuts_gradients_unless_prepared(quantizable_llama
 # -- diablo train --------------------------------------------------------------------------------------------------
 
 
-def train_on(tmp_path: Path, base: str, monkeypatch, *overrides: str):
+def train_on(tmp_path: Path, base: str, *overrides: str):
     """`diablo train` on the tiny recipe (validation every 2 steps: no-grad eval passes between training steps),
     keeping hold of the trained model."""
     import diablo_cli.train as train_module
 
-    trained = {}
-
-    def attach_and_keep(model, config):
-        trained["model"] = model
-        return attach_diablo(model, config)
-
-    monkeypatch.setattr(train_module, "attach_diablo", attach_and_keep)
     recipe = load_recipe(
         TINY,
         [
@@ -175,7 +168,7 @@ def train_on(tmp_path: Path, base: str, monkeypatch, *overrides: str):
     )
     console = Console(file=io.StringIO(), width=200)
     result = train_module.train(recipe, console=console)
-    return result, console.file.getvalue(), trained["model"]
+    return result, console.file.getvalue(), result.model
 
 
 @pytest.mark.parametrize(
@@ -189,7 +182,7 @@ def train_on(tmp_path: Path, base: str, monkeypatch, *overrides: str):
     ],
     ids=["gptq-4bit", "gptq-2bit", "bnb-4bit", "bnb-8bit"],
 )
-def test_training_on_a_quantized_base(request, tmp_path, monkeypatch, base, quantization, described):
+def test_training_on_a_quantized_base(request, tmp_path, base, quantization, described):
     requires("gptqmodel", "optimum") if base.startswith("gptq") else requires("bitsandbytes")
     if base.startswith("gptq"):
         base = str(request.getfixturevalue(base))
@@ -197,7 +190,7 @@ def test_training_on_a_quantized_base(request, tmp_path, monkeypatch, base, quan
     before = {name: dequantize_weight(layer) for name, layer in quantized_layers(fresh).items()}
 
     settings = [f"model.quantization.{key}={value}" for key, value in quantization.items()]
-    result, output, model = train_on(tmp_path, base, monkeypatch, *settings)
+    result, output, model = train_on(tmp_path, base, *settings)
 
     assert f"base: {described}" in output and "21 quantized layers" in output
     losses = [m["loss"] for m in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in m]

@@ -135,11 +135,19 @@ def test_relative_data_paths_resolve_beside_the_recipe(tmp_path):
     assert hub.data.datasets[0].path == "meta-math/MetaMathQA"
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_")), ids=str)
+SHIPPED_RECIPES = sorted(  # configs/accelerate/ holds accelerate's own config files, not recipes
+    p
+    for p in CONFIGS.rglob("*.yaml")
+    if not p.name.startswith("_") and "accelerate" not in p.relative_to(CONFIGS).parts
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=str)
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
-    assert recipe.adapter.to_config().blocks == recipe.adapter.blocks
+    if recipe.adapter.type == "diablo":
+        assert recipe.adapter.to_config().blocks == recipe.adapter.blocks
 
 
 def test_recipe_round_trips_through_yaml(tmp_path):

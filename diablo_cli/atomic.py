@@ -17,7 +17,9 @@ from .errors import DiaBloError
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces ``target`` in one rename.
 
-    If the body raises, the temporary file is removed and ``target`` is untouched.
+    If the body raises, the temporary file is removed and ``target`` is untouched. The file ends up with the
+    permissions an ordinary write would give it (``mkstemp`` makes it private to its owner, which would hide an
+    adapter from the rest of a team on a shared machine).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -28,9 +30,22 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        ordinary_permissions(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ordinary_permissions(path: Path) -> None:
+    """Give a file or folder that ``mkstemp``/``mkdtemp`` made private (0600/0700) the permissions an ordinary
+    write would give it under the umask, before it is renamed into place; a folder's files too."""
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for item in path.iterdir():
+            if item.is_file():
+                item.chmod(0o666 & ~mask)
 
 
 def read_json(path: Path) -> dict:
@@ -67,11 +82,7 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
     """Swap a finished folder in with renames: the old output survives until the new one is complete.
 
     The staging folder was made private (mkdtemp); the output gets the permissions the umask gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    for path in staging.iterdir():
-        path.chmod(0o666 & ~umask)
+    ordinary_permissions(staging)
     previous = None
     if output_dir.exists():
         previous = output_dir.with_name(f".{output_dir.name}-replaced-{os.getpid()}")

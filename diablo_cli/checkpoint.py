@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import ordinary_permissions
 from .errors import DiaBloError
 from .methods import TrainingMethod
 
@@ -97,6 +98,7 @@ def save_checkpoint(
         (staging / STATE_FILE).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
         if target.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
             shutil.rmtree(target)
+        ordinary_permissions(staging)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import ordinary_permissions
 from .errors import DiaBloError
 
 if TYPE_CHECKING:
@@ -411,6 +412,7 @@ def _build_once(target: Path, build) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(staging)
+        ordinary_permissions(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first; its folder is as good as ours

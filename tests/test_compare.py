@@ -52,3 +52,17 @@ def test_report_plots_both_methods_and_writes_the_table(tmp_path):
     assert [run["adapter"] for run in document["runs"]] == ["DiaBlo N=8 QKVOGUD", "LoRA r=2 QKVOGUD"]
     table = (tmp_path / "compare.md").read_text().splitlines()
     assert table[0].startswith("| method | adapter | trainable |") and len(table) == 4
+
+
+def test_each_run_is_diablo_train_with_the_grid_point_and_the_overrides(tmp_path, monkeypatch):
+    script = load_script()
+    commands = []
+    monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
+    recipe = script.RECIPES["LoRA"]
+    script.train_one(Console(file=io.StringIO()), "LoRA", recipe, 2e-3, tmp_path, score_base=False,
+                     overrides=["training.seed=7"])  # fmt: skip
+    (command,) = commands
+    assert command[1:5] == ["-m", "diablo_cli", "train", str(recipe)]
+    assert command[command.index("-o") + 1] == str(tmp_path / "lora-lr0.002")
+    assert "training.learning_rate=0.002" in command and "eval.compare_base=false" in command
+    assert command[-1] == "--set=training.seed=7"

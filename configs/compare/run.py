@@ -3,6 +3,7 @@
     python configs/compare/run.py                       # both recipes × the grid, then the plot and the table
     python configs/compare/run.py --lr 2e-3 --lr 5e-3   # another grid
     python configs/compare/run.py --report-only         # re-plot and re-print finished runs
+    python configs/compare/run.py --set training.seed=7 --output out/compare-seed7   # another seed
 
 Each run is `diablo train RECIPE --set training.learning_rate=LR` in its own process (a fresh model, no memory
 carried over), alternating between the recipes so that a slow spell of the machine does not favour one. Writes
@@ -37,6 +38,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, action="append", help=f"learning rates (default {GRID})")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     parser.add_argument("--report-only", action="store_true", help="only plot and print finished runs")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a recipe override for both methods, e.g. training.seed=7 (with its own --output)",
+    )  # fmt: skip
     args = parser.parse_args()
     grid = tuple(args.lr or GRID)
     console = Console()
@@ -44,7 +49,7 @@ def main() -> None:
         base_run = True
         for lr in grid:
             for method, recipe in RECIPES.items():
-                train_one(console, method, recipe, lr, args.output, score_base=base_run)
+                train_one(console, method, recipe, lr, args.output, score_base=base_run, overrides=args.overrides)
                 base_run = False
     runs = collect(args.output, grid)
     if not runs:
@@ -56,13 +61,16 @@ def run_dir(output: Path, method: str, lr: float) -> Path:
     return output / f"{method.lower()}-lr{lr:g}"
 
 
-def train_one(console: Console, method: str, recipe: Path, lr: float, output: Path, *, score_base: bool) -> None:
+def train_one(
+    console: Console, method: str, recipe: Path, lr: float, output: Path, *, score_base: bool, overrides: list[str]
+) -> None:
     target = run_dir(output, method, lr)
     console.rule(f"{method}, learning rate {lr:g} → {target}")
     command = [
         sys.executable, "-m", "diablo_cli", "train", str(recipe), "-o", str(target), "--overwrite",
         "--set", f"training.learning_rate={lr}", "--set", "logging.progress=false",
         "--set", f"eval.compare_base={'true' if score_base else 'false'}",
+        *(f"--set={override}" for override in overrides),
     ]  # fmt: skip
     subprocess.run(command, check=True)
 

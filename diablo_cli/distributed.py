@@ -283,7 +283,6 @@ def load_full_optimizer_state(accelerator, model: nn.Module, optimizer, engine: 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = trainable_names(accelerator, model)
-
     by_name = {  # torch.distributed.checkpoint names parameters as the bare model does
         "state": {names[int(i)]: values for i, values in state_dict["state"].items()},
         "param_groups": [

@@ -83,6 +83,22 @@ def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict
     return {"missing": missing, "worst_relative_difference": worst, "count": len(got)}
 
 
+def checkpoint_round_trip(rank: int, accelerator, wrapped, optimizer, want: dict, prepare) -> tuple[dict, dict]:
+    """What train.py saves after a step (the gathered weights, complete on rank 0) and what its checkpoint holds
+    (the full optimizer state), compared with one unsharded process, then resumed in a fresh sharded run.
+    Returns the gathered weights and, on rank 0, the comparisons."""
+    from diablo_cli.distributed import full_optimizer_state, gather_trainable
+
+    after = gather_trainable(accelerator, wrapped, "fsdp")
+    state = full_optimizer_state(accelerator, wrapped, optimizer, "fsdp")
+    # compared before resuming: loading it into the resumed run's optimizer may share its tensors
+    difference = optimizer_state_difference(state, want["optimizer"]) if rank == 0 else None
+    second = resume_and_step(rank, after, state, prepare)
+    if rank != 0:
+        return after, {}
+    return after, {"optimizer_state": difference, "resumed_step": compare(second, want["second"])}
+
+
 def resume_and_step(rank: int, weights: dict, state: dict, prepare) -> dict[str, torch.Tensor]:
     """What train.py does with a checkpoint under FSDP: a fresh model takes the weights before wrapping
     (``prepare(model)`` → accelerator, wrapped model, optimizer) and the optimizer state after; then one step. Every
@@ -103,7 +119,6 @@ def run_fsdp1(rank: int, on_meta: bool = False) -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from diablo_cli.adapter.model import bare_name
-    from diablo_cli.distributed import full_optimizer_state, gather_trainable
 
     model = build_model(on_meta=on_meta and rank == 1)
     want = unsharded_steps(model, weight_decay=0.0) if rank == 0 else None
@@ -122,17 +137,15 @@ def run_fsdp1(rank: int, on_meta: bool = False) -> dict:
         grads = {bare_name(n): p.grad.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
     norm = wrapped.clip_grad_norm_(1e9).item()  # FSDP's own: the norm over all shards
     optimizer.step()
-    after = gather_trainable(accelerator, wrapped, "fsdp")  # what train.py saves (complete on rank 0)
-    state = full_optimizer_state(accelerator, wrapped, optimizer, "fsdp")  # what its checkpoints hold
-    state_difference = optimizer_state_difference(state, want["optimizer"]) if rank == 0 else None
     local_norms = [torch.zeros(()) for _ in range(2)]
     dist.all_gather(local_norms, torch.tensor(local_norm))
-    second = resume_and_step(rank, after, state, lambda model: wrap_fsdp1(model, on_meta=False))
+    after, checkpoint = checkpoint_round_trip(
+        rank, accelerator, wrapped, optimizer, want, lambda model: wrap_fsdp1(model, on_meta=False)
+    )
     if rank != 0:
         return {}
     return {
-        "optimizer_state": state_difference,
-        "resumed_step": compare(second, want["second"]),
+        **checkpoint,
         "notes": notes,
         "kernels": kernels,
         "units": len(units),
@@ -180,8 +193,6 @@ def run_fsdp2(rank: int) -> dict:
 
     from diablo_cli.distributed import (
         configure_sharding,
-        full_optimizer_state,
-        gather_trainable,
     )
 
     def prepared(model):
@@ -204,15 +215,11 @@ def run_fsdp2(rank: int) -> dict:
     norm = torch.nn.utils.clip_grad_norm_(trainable, 1e9)
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
     optimizer.step()
-    after = gather_trainable(accelerator, model, "fsdp")
-    state = full_optimizer_state(accelerator, model, optimizer, "fsdp")
-    state_difference = optimizer_state_difference(state, want["optimizer"]) if rank == 0 else None
-    second = resume_and_step(rank, after, state, prepared)
+    after, checkpoint = checkpoint_round_trip(rank, accelerator, model, optimizer, want, prepared)
     if rank != 0:
         return {}
     return {
-        "optimizer_state": state_difference,
-        "resumed_step": compare(second, want["second"]),
+        **checkpoint,
         "notes": notes,
         "sharded_parameters": sharded,
         "block_dtypes": sorted({str(p.dtype) for p in trainable}),

@@ -83,7 +83,9 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         method.save(model, staging, base_model=state.recipe.get("base_model"), tensors=trainable)
-        tensors, optimizer_meta = _flatten_optimizer(optimizer_state or optimizer.state_dict())
+        tensors, optimizer_meta = _flatten_optimizer(
+            optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        )
         save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
         ranks = process_rng_states or [torch_rng_states()]
         rng = {f"rank{r}.{key}" if r else key: t for r, states in enumerate(ranks) for key, t in states.items()}

@@ -89,7 +89,7 @@ def train(
     if launcher == "accelerate":
         arguments = [str(recipe), *(f"--set={value}" for value in overrides)]
         arguments += ["--resume", resume] if resume is not None else []
-        from .distributed import accelerate_config_path
+        from .launch import accelerate_config_path
 
         config_file = accelerate_config_path(accelerate_config) if accelerate_config is not None else None
         code = launch_with_accelerate(arguments, num_processes=num_processes, config_file=config_file)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,9 +21,6 @@ from torch import nn
 from .adapter.kernels import check_kernel
 from .adapter.model import adapted_layers, bare_name
 from .errors import DiaBloError
-
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-"""The example accelerate configs of a source checkout (``configs/accelerate/*.yaml``)."""
 
 Signature = tuple[torch.dtype, bool]
 """What FSDP1 needs to be uniform inside one flat parameter: (dtype, requires_grad)."""
@@ -210,11 +206,16 @@ def clip_gradients(accelerator, model: nn.Module, max_norm: float, engine: str) 
     return float(accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
 
 
-def trainable_names(accelerator, model: nn.Module) -> list[str]:
-    """The trainable parameters' bare-model names, in the order the optimizer holds them (train.py builds it from
-    ``model.parameters()`` filtered by ``requires_grad``)."""
+def named_trainable(accelerator, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters by bare-model name, in the order the optimizer holds them (train.py builds it from
+    ``model.parameters()`` filtered by ``requires_grad``). Under FSDP1 they are views into the flat parameters:
+    look them up again inside ``summon_full_params``."""
     unwrapped = accelerator.unwrap_model(model)
-    return [bare_name(name) for name, p in unwrapped.named_parameters() if p.requires_grad]
+    return [(bare_name(name), p) for name, p in unwrapped.named_parameters() if p.requires_grad]
+
+
+def trainable_names(accelerator, model: nn.Module) -> list[str]:
+    return [name for name, _ in named_trainable(accelerator, model)]
 
 
 def full_optimizer_state(accelerator, model: nn.Module, optimizer, engine: str) -> dict:
@@ -231,24 +232,24 @@ def full_optimizer_state(accelerator, model: nn.Module, optimizer, engine: str) 
 
         zero = model.optimizer  # the ZeRO optimizer around the torch optimizer built in train.py
         scalars, element_keys = _zero_state_keys(zero)
-        parameters = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
-        state = {
+        parameters = [p for _, p in named_trainable(accelerator, model)]
+        state = {  # empty before the first step, as for a fresh torch optimizer
             index: {
                 **{key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in scalars.items()},
                 **{key: safe_get_full_optimizer_state(p, key).detach().cpu() for key in element_keys},
             }
             for index, p in enumerate(parameters)
+            if element_keys
         }
-        if not element_keys:  # no step taken yet: no state, as for a fresh torch optimizer
-            state = {}
         groups = [{**_group_settings(group), "params": list(range(len(parameters)))} for group in zero.param_groups]
         return {"state": state, "param_groups": groups[:1]}
+    from accelerate.utils import send_to_device
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     # Without cpu_offload: with it, torch 2.13 swaps AdamW's two moments (seen on CPU; not ruled out on GPUs). Every
     # rank then holds the whole state for a moment: 2 × the trainable parameters in fp32, small for an adapter.
     options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    by_name = _to_cpu(get_optimizer_state_dict(model, _inner_optimizer(optimizer), options=options))
+    by_name = send_to_device(get_optimizer_state_dict(model, _inner_optimizer(optimizer), options=options), "cpu")
     index = {name: position for position, name in enumerate(trainable_names(accelerator, model))}
     return {
         "state": {index[bare_name(name)]: values for name, values in by_name.get("state", {}).items()},
@@ -274,8 +275,7 @@ def load_full_optimizer_state(accelerator, model: nn.Module, optimizer, engine: 
         if not saved:
             return
         _prime_zero_state(model.optimizer, saved[min(saved)])
-        parameters = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
-        for index, p in enumerate(parameters):
+        for index, (_, p) in enumerate(named_trainable(accelerator, model)):
             for key, value in saved[index].items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     safe_set_full_optimizer_state(p, value.to(p.device), key)
@@ -298,16 +298,6 @@ def _offload_to_cpu(model: nn.Module) -> bool:
     """Whether FSDP1's summon_full_params should gather to CPU (rank 0 only): on GPUs, yes, to spare GPU memory; on
     a CPU device the tensors are there already, and torch 2.13's offloading copy crashes there."""
     return next(model.parameters()).device.type != "cpu"
-
-
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(inner) for key, inner in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(inner) for inner in value]
-    return value
 
 
 def _inner_optimizer(optimizer):
@@ -358,15 +348,10 @@ def gather_trainable(accelerator, model: nn.Module, engine: str) -> dict[str, to
 
     Only trainable parameters are gathered: FSDP2 and DeepSpeed gather them one by one; FSDP1 summons the full
     parameters to rank 0's CPU for the duration."""
-    unwrapped = accelerator.unwrap_model(model)
-
-    def trainable() -> list[tuple[str, torch.Tensor]]:
-        return [(bare_name(n), p) for n, p in unwrapped.named_parameters() if p.requires_grad]
-
     if engine.startswith("deepspeed"):
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in trainable()}
+        return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in named_trainable(accelerator, model)}
     if engine == "fsdp" and not getattr(accelerator, "is_fsdp2", False):
         import torch.distributed as dist
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -375,26 +360,13 @@ def gather_trainable(accelerator, model: nn.Module, engine: str) -> dict[str, to
         with FullyShardedDataParallel.summon_full_params(
             model, writeback=False, rank0_only=True, offload_to_cpu=_offload_to_cpu(model)
         ):
-            return {name: p.detach().cpu().clone() for name, p in trainable()} if dist.get_rank() == 0 else {}
+            named = named_trainable(accelerator, model)
+            return {name: p.detach().cpu().clone() for name, p in named} if dist.get_rank() == 0 else {}
     from torch.distributed.tensor import DTensor
 
-    named = trainable()
+    named = named_trainable(accelerator, model)
 
     return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu() for name, p in named}
-
-
-def accelerate_config_path(name: str | Path) -> Path:
-    """An accelerate config file: a path as given, or a short name of ``configs/accelerate`` (ddp, fsdp,
-    fsdp2, zero2, zero3) for ``--accelerate-config fsdp``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    aliases = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3"}
-    bundled = ACCELERATE_CONFIGS / f"{aliases.get(str(name), str(name))}.yaml"
-    if bundled.is_file():
-        return bundled
-    known = sorted([*(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")), *aliases])
-    raise DiaBloError(f"accelerate config {name}: no such file; give a path or one of {', '.join(known)}")
 
 
 def _signature(parameter: torch.Tensor) -> Signature:

@@ -16,6 +16,9 @@ from .errors import DiaBloError
 
 LAUNCHERS = ("none", "accelerate")
 
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+"""The example accelerate configs of a source checkout (``configs/accelerate/*.yaml``)."""
+
 
 def accelerate_command(train_arguments: list[str], *, num_processes: int | None, config_file: Path | None) -> list[str]:
     """The ``accelerate launch`` command line that runs ``diablo train TRAIN_ARGUMENTS`` in every process."""
@@ -30,9 +33,7 @@ def accelerate_launcher(num_processes: int | None, config_file: Path | None) -> 
     """
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file is not None:
-        if not config_file.is_file():
-            raise DiaBloError(f"--accelerate-config {config_file}: no such file (see configs/accelerate/)")
-        command += ["--config_file", str(config_file)]
+        command += ["--config_file", str(accelerate_config_path(config_file))]
     if num_processes is not None:
         if num_processes < 1:
             raise DiaBloError(f"--num-processes {num_processes}: give 1 or more processes")
@@ -56,3 +57,17 @@ def launch_with_accelerate(train_arguments: list[str], *, num_processes: int | N
             return process.wait()
         except KeyboardInterrupt:  # every process got the same Ctrl-C: wait while they write their checkpoint
             continue
+
+
+def accelerate_config_path(name: str | Path) -> Path:
+    """An accelerate config file: a path as given, or a short name of ``configs/accelerate`` (ddp, fsdp,
+    fsdp2, zero2, zero3) for ``--accelerate-config fsdp``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    aliases = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3"}
+    bundled = ACCELERATE_CONFIGS / f"{aliases.get(str(name), str(name))}.yaml"
+    if bundled.is_file():
+        return bundled
+    known = sorted([*(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")), *aliases])
+    raise DiaBloError(f"accelerate config {name}: no such file; give a path or one of {', '.join(known)}")

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import parameter_report, save_adapter
 from .adapter.budget import ParameterReport
-from .adapter.files import WEIGHTS_FILE, read_adapter_config
+from .adapter.files import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from .adapter.model import adapted_layers, attach_diablo, describe_kernel
 from .adapter.targets import describe_modules, select_targets
 from .atomic import save_pretrained_into
@@ -284,7 +284,7 @@ def peft_adapter_config(directory: Path) -> dict | None:
     """The PEFT config of a ``type: lora | dora`` run folder, or None when the folder holds no PEFT adapter."""
     import json
 
-    path = Path(directory) / "adapter_config.json"
+    path = Path(directory) / CONFIG_FILE  # PEFT's name too
     if not path.is_file():
         return None
     try:

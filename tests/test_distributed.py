@@ -23,8 +23,6 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 import diablo_cli
 from diablo_cli.adapter.model import adapted_layers
 from diablo_cli.distributed import (
-    ACCELERATE_CONFIGS,
-    accelerate_config_path,
     configure_sharding,
     flat_parameter_groups,
     fsdp_wrap_policy,
@@ -33,6 +31,7 @@ from diablo_cli.distributed import (
     transformer_layer_classes,
 )
 from diablo_cli.errors import DiaBloError
+from diablo_cli.launch import ACCELERATE_CONFIGS, accelerate_config_path
 
 ROOT = Path(__file__).parents[1]
 FP32_TRAINABLE = (torch.float32, True)

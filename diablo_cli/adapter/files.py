@@ -61,11 +61,9 @@ def save_adapter(
         )
 
     adapter_id = uuid.uuid4().hex
-    tensors = {
-        key: (blocks[key] if blocks is not None else layer.diablo_blocks).detach().to("cpu").contiguous()
-        for name, layer in layers.items()
-        for key in [f"{name}.{ADAPTER_PARAMETER}"]
-    }
+    live = {f"{name}.{ADAPTER_PARAMETER}": layer.diablo_blocks for name, layer in layers.items()}
+    source = blocks if blocks is not None else live
+    tensors = {key: source[key].detach().to("cpu").contiguous() for key in live}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     config: DiaBloConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
     document = {

@@ -57,7 +57,12 @@ def test_report_plots_both_methods_and_writes_the_table(tmp_path):
 def test_each_run_is_diablo_train_with_the_grid_point_and_the_overrides(tmp_path, monkeypatch):
     script = load_script()
     commands = []
-    monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
+
+    def run(command, check):
+        commands.append(command)
+        return script.subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(script.subprocess, "run", run)
     recipe = script.RECIPES["LoRA"]
     script.train_one(Console(file=io.StringIO()), "LoRA", recipe, 2e-3, tmp_path, score_base=False,
                      overrides=["training.seed=7"])  # fmt: skip

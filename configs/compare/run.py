@@ -24,7 +24,8 @@ from rich.table import Table
 
 from diablo_cli.recipe import load_recipe
 from diablo_cli.report import plot_curves
-from diablo_cli.tracking import read_metrics
+from diablo_cli.tracking import METRICS_FILE, read_metrics
+from diablo_cli.train import RECIPE_FILE, SUMMARY_FILE
 
 HERE = Path(__file__).parent
 RECIPES = {"DiaBlo": HERE / "diablo.yaml", "LoRA": HERE / "lora.yaml"}
@@ -72,7 +73,9 @@ def train_one(
         "--set", f"eval.compare_base={'true' if score_base else 'false'}",
         *(f"--set={override}" for override in overrides),
     ]  # fmt: skip
-    subprocess.run(command, check=True)
+    done = subprocess.run(command, check=False)
+    if done.returncode != 0:  # diablo train has said why, in one line, above
+        sys.exit(f"{method} at learning rate {lr:g} failed (exit {done.returncode}); the runs before it are kept")
 
 
 def collect(output: Path, grid: tuple[float, ...]) -> list[dict]:
@@ -81,7 +84,7 @@ def collect(output: Path, grid: tuple[float, ...]) -> list[dict]:
     for lr in grid:
         for method in RECIPES:
             folder = run_dir(output, method, lr)
-            summary_path = folder / "train_summary.json"
+            summary_path = folder / SUMMARY_FILE
             if not summary_path.is_file():
                 continue
             summary = json.loads(summary_path.read_text())
@@ -90,14 +93,14 @@ def collect(output: Path, grid: tuple[float, ...]) -> list[dict]:
                 {
                     "method": method,
                     "lr": lr,
-                    "adapter": load_recipe(folder / "recipe.yaml").adapter.describe(),
+                    "adapter": load_recipe(folder / RECIPE_FILE).adapter.describe(),
                     "trainable": summary["parameters"]["trainable"],
                     "final_loss": summary["final_loss"],
                     "metric": metric,
                     "score": score,
                     "base_score": next(iter(summary["eval_before"].values()), None),
                     "seconds": summary["seconds"],
-                    "curve": [(m["step"], m["loss"]) for m in read_metrics(folder / "metrics.jsonl") if "loss" in m],
+                    "curve": [(m["step"], m["loss"]) for m in read_metrics(folder / METRICS_FILE) if "loss" in m],
                 }
             )
     return runs

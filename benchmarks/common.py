@@ -23,16 +23,22 @@ Builder = Callable[[], Step]
 
 
 def machine(device: str) -> str:
-    """One line naming the hardware and software a table was measured on."""
-    if device == "cuda":
-        hardware = torch.cuda.get_device_name()
-    else:
-        model = next(
-            (line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if "model name" in line),
-            platform.processor() or platform.machine(),
-        )
-        hardware = f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return f"{device}: {hardware}; torch {torch.__version__}, Python {platform.python_version()}"
+    """One line naming the hardware and software a table was measured on: the CPU's model, its capability and
+    whether it computes bf16 natively (bf16 numbers mean nothing without it), the GPU when one ran."""
+    from diablo_cli.precision import describe_machine
+
+    return f"{device}: {describe_machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def default_dtypes() -> list[str]:
+    """fp32, and bf16 where this machine computes it natively: on an AVX2-only CPU a bf16 run takes the slow
+    path (up to ~300× slower) and measures PyTorch's fallback, not the method. Ask with --dtypes to force it."""
+    from diablo_cli.precision import hardware
+
+    native = hardware().bf16
+    if not native:
+        print("# bf16 left out: no native bf16 here (pass --dtypes fp32 bf16 to time the slow path anyway)")
+    return ["fp32", "bf16"] if native else ["fp32"]
 
 
 def synchronize(device: str) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, machine, medians, table
+from common import default_dtypes, interleaved, machine, medians, table
 
 from diablo_cli import DiaBloLinear
 
@@ -104,13 +104,14 @@ def main() -> None:
     parser.add_argument("--features", type=int, nargs=2, metavar=("IN", "OUT"), help="one rectangular layer")
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048])
     parser.add_argument("--blocks", type=int, default=64)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per build (after one warm-up run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    args.dtypes = args.dtypes or default_dtypes()
     if "floor" not in args.variants:
         args.variants.insert(0, "floor")
 

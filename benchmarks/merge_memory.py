@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import status_kib
+from common import machine, status_kib
 
 SETTINGS = [  # (label, extra CLI arguments)
     ("5GB shards, --no-verify", ["--max-shard-size", "5GB", "--no-verify"]),
@@ -91,7 +90,7 @@ def main() -> None:
         floor = baseline_process_mib()
         model_bytes = sum(f.stat().st_size for f in (Path(scratch) / "merged").glob("*.safetensors"))
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"# {machine('cpu')}")
     print(
         f"adapter: {adapter}; medians of {args.repeats} interleaved runs; importing the libraries alone: "
         f"{floor:,.0f} MiB anonymous"

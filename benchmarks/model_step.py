@@ -28,7 +28,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakAnon, interleaved, keep_freed_memory, machine, medians, saved_activation_bytes, status_kib, table
+from common import (
+    PeakAnon,
+    default_dtypes,
+    interleaved,
+    keep_freed_memory,
+    machine,
+    medians,
+    saved_activation_bytes,
+    status_kib,
+    table,
+)
 
 from diablo_cli import DiaBloConfig, attach_diablo
 from diablo_cli.adapter.targets import select_targets
@@ -153,7 +163,7 @@ def child_arguments(args) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--blocks", type=int, default=24, help="DiaBlo's N (24: 4.42M parameters on SmolLM2)")
     parser.add_argument("--batch", type=int, default=4)
@@ -166,6 +176,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.dtypes = args.dtypes or default_dtypes()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.keep_freed_memory and not keep_freed_memory():
         raise SystemExit("--keep-freed-memory needs glibc")

@@ -150,7 +150,9 @@ def eval_command(
     json_path: Path | None = typer.Option(None, "--json", help="Write scores here; predictions go beside it."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for sampled decoding (default 0)."),
     template: str | None = typer.Option(None, "--template", help="alpaca, chat or plain. Default: as trained."),
-    dtype: str | None = typer.Option(None, "--dtype", help="fp32, bf16 or fp16. Default: as trained."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="auto, fp32, bf16 or fp16. Default: as trained (auto: bf16 where native, else fp32)."
+    ),
     scoring: str | None = typer.Option(None, "--scoring", help="generate (default) or loglik (multiple choice)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Default: the task's."),
     stop: list[str] = typer.Option([], "--stop", help="Also stop generating at this text (repeatable)."),
@@ -319,7 +321,9 @@ def inspect(
     per_module: bool = typer.Option(False, "--per-module", help="With a budget: one N per module kind."),
     seq_len: int = typer.Option(512, "--seq-len", help="Memory estimate: tokens per sequence."),
     batch: int = typer.Option(1, "--batch", help="Memory estimate: sequences per micro batch."),
-    dtype: str | None = typer.Option(None, "--dtype", help="Memory estimate: base dtype (fp32, bf16, fp16)."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Memory estimate: base dtype (auto, fp32, bf16, fp16). Default: auto, as train picks."
+    ),
     quantization: str = typer.Option(
         "none", "--quantization", help="Memory estimate: none, bnb-4bit, bnb-8bit, gptq-4bit, gptq-8bit."
     ),

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import DiaBloConfig, base_parameter_count, select_targets
-from .adapter.config import canonical_dtype, is_letter_spec
+from .adapter.config import is_letter_spec
 from .adapter.layer import BlockLayout
 from .adapter.targets import Target, linear_modules, module_letters
 from .errors import DiaBloError
 from .models import MODEL_ALIASES, _explain_load_failure, resolve_model, skeleton_model
+from .precision import AUTO, DtypeChoice, choose_dtype
 
 PAPER_CONFIGS = "models/paper"
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")
@@ -169,8 +170,10 @@ def inspect_model(
     if inspection.budget is not None or len(blocks or []) == 1:
         inspection.lora_rank = rank
         inspection.lora_snippet = lora_recipe_snippet(rank, targets, layers)
-    dtype = _requested_dtype(dtype) if dtype else _config_dtype(config)
+    dtype_choice = _estimate_dtype(dtype, gpus)
+    dtype = dtype_choice.name
     inspection.memory_settings = {
+        "dtype_reason": dtype_choice.reason,
         "blocks": reference.blocks,
         "lora_rank": rank,
         "seq_len": seq_len,
@@ -286,19 +289,15 @@ def _targets_yaml(targets: str | list[str]) -> str:
     return targets if re.fullmatch(r"[\w.-]+", targets) else json.dumps(targets)
 
 
-def _requested_dtype(name: str) -> str:
+def _estimate_dtype(requested: str | None, gpus: int) -> DtypeChoice:
+    """The base dtype the estimate assumes: as requested, else what `diablo train` picks by the hardware (on
+    several GPUs, a GPU's: bf16 on every GPU worth sharding over)."""
+    if (requested is None or requested == AUTO) and gpus > 1:
+        return DtypeChoice("bfloat16", AUTO, f"auto on {gpus} GPUs with native bf16")
     try:
-        return canonical_dtype(name)
+        return choose_dtype(requested)
     except DiaBloError:
-        raise DiaBloError(f"--dtype {name!r}: choose one of fp32, bf16, fp16") from None
-
-
-def _config_dtype(config) -> str:
-    """The dtype a checkpoint declares, or bf16 when it declares none (or an unusual one)."""
-    try:
-        return canonical_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
-    except DiaBloError:
-        return "bfloat16"
+        raise DiaBloError(f"--dtype {requested!r}: choose one of auto, fp32, bf16, fp16") from None
 
 
 def group_shapes(targets: list[Target]) -> list[ModuleShape]:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from .errors import DiaBloError
 if TYPE_CHECKING:
     import torch
 
+    from .precision import DtypeChoice
     from .recipe import QuantizationSection
 
 log = logging.getLogger("diablo_cli")
@@ -74,24 +76,31 @@ def load_base_model(
     attn_implementation: str | None = None,
     quantization: QuantizationSection | None = None,
     device: str | torch.device | None = None,
+    on_dtype: Callable[[DtypeChoice], None] | None = None,
 ):
     """Load a causal LM (or a seq2seq model such as T5) and its tokenizer. Weights only from safetensors:
     nothing is unpickled.
 
-    ``dtype`` is fp32/bf16/fp16 (or a torch name); None keeps the checkpoint's own dtype. ``quantization`` is a
+    ``dtype`` is fp32/bf16/fp16 (or a torch name); None or ``auto`` picks by the hardware (see
+    :func:`base_dtype`; diablo_cli/precision.py says why), refusing a base that would not fit; ``on_dtype`` hears
+    the choice before the weights load. ``quantization`` is a
     recipe's ``model.quantization`` (see :func:`quantized_loading`); a checkpoint that is already quantized
     loads quantized without it. A quantized model is placed on ``device`` (default CPU) as it loads, since it
     cannot be moved afterwards; a full-precision one stays on the CPU for the caller to move.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     source = resolve_model(name)
-    torch_dtype = getattr(torch, TORCH_DTYPES.get(dtype, dtype)) if dtype else "auto"
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         config = AutoConfig.from_pretrained(source, **kwargs)
+        choice = base_dtype(
+            name, config, dtype, device=device, quantization=quantization, trust_remote_code=trust_remote_code
+        )
+        torch_dtype = choice.torch_dtype
+        if on_dtype is not None:  # before the weights load: a slow-path warning is worth reading first
+            on_dtype(choice)
         auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         quantized = quantized_loading(name, config, quantization, dtype=torch_dtype, device=device)
         loud = "quantization_config" in quantized and base_quantization(config) is not None  # GPTQModel loads
@@ -112,6 +121,30 @@ def load_base_model(
 
     ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+def base_dtype(
+    name: str,
+    config,
+    requested: str | None,
+    *,
+    device: str | torch.device | None = None,
+    quantization: QuantizationSection | None = None,
+    key: str = "model.dtype",
+    trust_remote_code: bool = False,
+) -> DtypeChoice:
+    """The dtype a base runs in (``requested``, or by the hardware for None/``auto``), checked against memory:
+    an auto choice whose weights would not fit is refused with what would (a swapping machine helps no one)."""
+    from .precision import check_weights_fit, choose_dtype
+
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    device_name = None if device is None else str(device)
+    choice = choose_dtype(requested, device=device_name, stored=stored)
+    packed = base_quantization(config) is not None or (quantization is not None and quantization.method != "none")
+    if choice.requested == "auto" and not packed:
+        parameters = sum(p.numel() for p in skeleton_model(config, trust_remote_code=trust_remote_code).parameters())
+        check_weights_fit(f"base model {name}", parameters, choice, device=device_name, key=key)
+    return choice
 
 
 @contextlib.contextmanager

@@ -276,11 +276,6 @@ class Recipe(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
-    @property
-    def torch_dtype_name(self) -> str | None:
-        """The base's dtype as a torch name, or None for the checkpoint's own ("auto")."""
-        return None if self.model.dtype == "auto" else canonical_dtype(self.model.dtype)
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 

@@ -337,6 +337,7 @@ def memory_table(rows: list[dict], settings: dict) -> Table:
         title=(
             f"training memory, first-order estimate: N={settings['blocks']} vs LoRA r={settings['lora_rank']}, "
             f"batch {settings['batch']} × {settings['seq_len']} tokens, base {settings['dtype']}"
+            + (f" ({settings['dtype_reason']})" if settings.get("dtype_reason", "").startswith("auto") else "")
             + (f" ({settings['quantization']})" if settings["quantization"] != "none" else "")
             + ", fp32 adapters, AdamW"
         ),
@@ -487,7 +488,8 @@ def quantize_summary(report: QuantizeReport) -> list[Any]:
     table.add_row(
         "calibration",
         f"{calibration['samples']} × {calibration['seq_len']} tokens from {calibration['source']} "
-        f"({calibration['stream_tokens']:,} tokens of text)",
+        f"({calibration['stream_tokens']:,} tokens of text)"
+        + (f", run in {calibration['dtype']}" if calibration.get("dtype") else ""),
     )
     if report.perplexity_before is not None:
         line = f"{report.perplexity_before:.3f} → {report.perplexity_after:.3f}"

@@ -46,6 +46,7 @@ from .distributed import (
 from .errors import DiaBloError, TrainingStopped
 from .methods import TrainingMethod, training_method
 from .models import base_quantization, load_base_model
+from .precision import DtypeChoice
 from .quantize.trainable import prepare_quantized_training
 from .recipe import Recipe
 from .report import plot_loss_curve, training_progress
@@ -97,7 +98,8 @@ def train(
 
     model, tokenizer = load_base_model(
         recipe.base_model,
-        dtype=recipe.torch_dtype_name,
+        dtype=recipe.model.dtype,
+        on_dtype=(lambda choice: print_dtype(console, choice)) if main else None,
         trust_remote_code=recipe.model.trust_remote_code,
         revision=recipe.model.revision,
         attn_implementation=recipe.model.attn_implementation,
@@ -675,7 +677,8 @@ def show_plan(recipe: Recipe, console: Console):
     from transformers import AutoConfig, AutoTokenizer
 
     from .memory import estimate_training_memory, packed_weight_bits, packed_weights_bytes
-    from .models import describe_quantization, resolve_model, skeleton_model
+    from .models import base_dtype, compute_device, describe_quantization, resolve_model, skeleton_model
+    from .precision import choose_dtype
     from .quantize.pipeline import quantized_layer_names
 
     console.print(Syntax(recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
@@ -688,29 +691,47 @@ def show_plan(recipe: Recipe, console: Console):
         from .models import _explain_load_failure
 
         raise DiaBloError(_explain_load_failure(recipe.base_model, source, err)) from None
+    try:
+        dtype = base_dtype(
+            recipe.base_model,
+            config,
+            recipe.model.dtype,
+            device=compute_device(),
+            quantization=recipe.model.quantization,
+            **kwargs,
+        )
+        print_dtype(console, dtype)
+    except DiaBloError as err:  # a plan shows what would stop the run, then goes on
+        console.print(f"[bold red]would stop:[/] {err}", highlight=False, soft_wrap=True)
+        dtype = choose_dtype(recipe.model.dtype, device=compute_device())
     model = skeleton_model(config, **kwargs)
     packed = _planned_quantization(recipe, config)
     linear_parameters = sum(model.get_submodule(name).weight.numel() for name in quantized_layer_names(model))
     _, model, report = attach_adapter(recipe, model, console)
-    base_dtype = recipe.torch_dtype_name or str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     estimate = estimate_training_memory(
         config,
         base_parameters=report.base,
         trainable_parameters=report.trainable,
-        base_dtype=base_dtype,
-        adapter_dtype=recipe.adapter.trainable_dtype(base_dtype),
+        base_dtype=dtype.name,
+        adapter_dtype=recipe.adapter.trainable_dtype(dtype.name),
         batch=recipe.training.micro_batch_size,
         seq_len=recipe.data.max_length,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
     if packed is not None:
-        estimate.weights = packed_weights_bytes(report.base, linear_parameters, base_dtype, packed_weight_bits(packed))
+        estimate.weights = packed_weights_bytes(report.base, linear_parameters, dtype.name, packed_weight_bits(packed))
         console.print(f"base: {describe_quantization(packed)} ({linear_parameters:,} packed weights)")
     console.print(
         f"memory at micro batch {recipe.training.micro_batch_size} × {recipe.data.max_length} tokens: "
         + estimate.describe()
     )
     return tokenizer
+
+
+def print_dtype(console: Console, dtype: DtypeChoice) -> None:
+    console.print(dtype.describe(), highlight=False)
+    if dtype.warning:
+        console.print(f"[yellow]warning:[/] {dtype.warning}", highlight=False, soft_wrap=True)
 
 
 def _planned_quantization(recipe: Recipe, config) -> dict[str, Any] | None:

@@ -198,7 +198,7 @@ def test_memory_estimate_of_a_4bit_base():
     assert quantized["weights"] < plain["weights"] / 3
     with pytest.raises(DiaBloError, match="--quantization 'int3'"):
         inspect_model("llama2-7b", quantization="int3")
-    with pytest.raises(DiaBloError, match="--dtype 'fp8': choose one of fp32, bf16, fp16"):
+    with pytest.raises(DiaBloError, match="--dtype 'fp8': choose one of auto, fp32, bf16, fp16"):
         inspect_model("llama2-7b", dtype="fp8")
 
 
@@ -239,7 +239,7 @@ def test_probe_measures_ranks_on_the_tiny_model():
 
 
 # Scaling: resources/models/tiny-llama.json by hand. Per layer: q, o 64×64; k, v 64×32 (2 KV heads of 16);
-# gate, up, down 64×176; two norms of 64. Untied embedding and head 128×64, a final norm; no dtype: bf16.
+# gate, up, down 64×176; two norms of 64. Untied embedding and head 128×64, a final norm; estimated in bf16.
 TINY_LAYER_LINEAR = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176  # 46,080
 TINY_LAYER = TINY_LAYER_LINEAR + 2 * 64  # 46,208: the largest block ZeRO-3 gathers
 TINY_BASE = 3 * TINY_LAYER + 2 * 128 * 64 + 64  # 155,072
@@ -258,7 +258,7 @@ def tiny_config_dir(tmp_path):
 
 
 def tiny_scaling(folder, **settings):
-    return inspect_model(folder, blocks=[4], batch=2, seq_len=16, **settings)
+    return inspect_model(folder, blocks=[4], batch=2, seq_len=16, **{"dtype": "bf16", **settings})
 
 
 def test_scaling_memory_by_sharding_against_hand_counts(tiny_config_dir):

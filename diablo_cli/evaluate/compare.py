@@ -124,7 +124,13 @@ def run_evaluation(
     def load(name: str, dtype: str | None):
         log(f"loading {name}")
         model, tokenizer = load_base_model(
-            name, dtype=dtype, trust_remote_code=settings.trust_remote_code, revision=settings.revision
+            name,
+            dtype=dtype,
+            trust_remote_code=settings.trust_remote_code,
+            revision=settings.revision,
+            on_dtype=lambda choice: log(
+                f"{name}: {choice.describe()}" + (f"; {choice.warning}" if choice.warning else "")
+            ),
         )
         # A quantized base keeps the kernels it trained with: bitsandbytes' CPU repacking would otherwise fail on
         # shapes its kernel does not take, and the scores would come from other arithmetic than training's.
@@ -200,7 +206,7 @@ def build_plan(
         raise DiaBloError(f"no task to run: give --task NAME (built-in: {', '.join(TASKS)}, loss) or a recipe")
     saved = read_saved_recipe(adapters[0]) if adapters else None
     base_dtype = settings.dtype
-    if base_dtype is None:  # as trained; standalone models (--model) keep their own dtype unless --dtype says
+    if base_dtype is None:  # as trained; standalone models (--model) run in the auto dtype unless --dtype says
         source = recipe.model.dtype if recipe is not None else ((saved or {}).get("model") or {}).get("dtype")
         base_dtype = None if source in (None, "auto") else source
     recipe_template = None

@@ -46,6 +46,7 @@ class GPTQJob:
     batch_size: int
     trust_remote_code: bool
     device: str
+    dtype: str = "bfloat16"  # what the model runs in while calibrating (precision.choose_dtype: native types only)
     dequantized_file: str | None = None  # also write every quantized layer's dequantized fp32 weight here
 
 
@@ -135,7 +136,13 @@ def _child(job_path: str, progress_fd: int) -> None:
             # GPTQModel's default group-aware ordering needs groups and excludes desc_act: on only where it applies.
             act_group_aware=job.group_size > 0 and not job.desc_act,
         )
-    model = GPTQModel.load(job.source_dir, config, device=job.device, trust_remote_code=job.trust_remote_code)
+    model = GPTQModel.load(
+        job.source_dir,
+        config,
+        device=job.device,
+        dtype=getattr(torch, job.dtype),  # GPTQModel's own default is bf16 on every CPU: the slow path on AVX2
+        trust_remote_code=job.trust_remote_code,
+    )
     finished: set[int] = set()
 
     def layer_done(layer_idx: int, submodule_finalized: bool) -> None:

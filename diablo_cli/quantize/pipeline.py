@@ -27,6 +27,7 @@ from torch import nn
 from ..atomic import check_model_output_dir, move_into_place, read_json, write_text_atomic
 from ..errors import DiaBloError
 from ..models import require_extra
+from ..precision import AUTO, choose_dtype, short_name
 from .calibration import DEFAULT_CALIBRATION, build_calibration, check_windows, perplexity
 from .dequantize import dequantized_weights
 from .gptq import GPTQ_BITS, GPTQJob, run_gptq
@@ -192,6 +193,9 @@ def quantize_model(
             _save_bnb_4bit(source_dir, staging, bnb_quant_type, bnb_double_quant, bnb_compute_dtype, trust_remote_code)
             tokenizer.save_pretrained(staging)
         else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            calibration_dtype = choose_dtype(AUTO, device=device)
+            report.calibration["dtype"] = short_name(calibration_dtype.name)
             job = GPTQJob(
                 source_dir=str(source_dir),
                 output_dir=str(staging),
@@ -204,7 +208,8 @@ def quantize_model(
                 calibration_file=None,
                 batch_size=1,
                 trust_remote_code=trust_remote_code,
-                device="cuda" if torch.cuda.is_available() else "cpu",
+                device=device,
+                dtype=calibration_dtype.name,
                 dequantized_file=str(dequantized_file),
             )
             log = run_gptq(

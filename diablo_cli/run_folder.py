@@ -224,7 +224,7 @@ class RunFolder:
     """A train run's output folder, claimed: marked as diablo's and locked by this process until ``release()``."""
 
     path: Path
-    created: bool  # this run made the folder
+    created: Path | None  # the topmost folder this run made (the run folder or one above it), if any
     before: frozenset[str]  # its entries when claimed (after an --overwrite cleared it)
     lock: FolderLock
     cleaned: list[str] = field(default_factory=list)  # leftovers of earlier, killed runs, removed when claimed
@@ -237,9 +237,9 @@ class RunFolder:
         names = _entries(path, option)
         marker = read_marker(path) if names else None
         lock = FolderLock.acquire(path / LOCK_FILE, folder=path, option=option) if marker else None
+        created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
         try:
             visible = sorted(names - {MARKER_FILE, LOCK_FILE})
-            created = not path.exists()
             if visible and resuming:
                 if marker is None and not list_checkpoints(path):
                     raise DiaBloError(
@@ -265,6 +265,7 @@ class RunFolder:
         except BaseException:
             if lock is not None:
                 lock.release()
+            _remove_made_folders(path, created)
             raise
 
     def record_written(self) -> None:
@@ -288,9 +289,7 @@ class RunFolder:
         if MARKER_FILE not in self.before:
             (self.path / MARKER_FILE).unlink(missing_ok=True)
         self.release()
-        if self.created:
-            with contextlib.suppress(OSError):  # not empty: the user put something there meanwhile
-                self.path.rmdir()
+        _remove_made_folders(self.path, self.created)
         return True
 
     def release(self) -> None:
@@ -454,6 +453,20 @@ def _check_replaceable(path: Path, marker: Marker | None, visible: list[str], co
             f"--overwrite: {path} holds files diablo did not write ({_some(added)}); move them out first, "
             f"or choose another {option}"
         )
+
+
+def _remove_made_folders(path: Path, created: Path | None) -> None:
+    """Remove the empty folders from ``path`` up to ``created``, the topmost one diablo made; stop at one that
+    holds anything (the user put something there meanwhile)."""
+    if created is None:
+        return
+    for folder in [path, *path.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
 
 
 def _marked_or_empty(path: Path) -> bool:

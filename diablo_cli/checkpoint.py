@@ -82,11 +82,12 @@ def save_checkpoint(
         code = disk_errno(err)
         if code is None:
             raise
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint was saved"
-        raise DiaBloError(
-            f"cannot write checkpoint {target}: {os.strerror(code)}; {kept}; {disk_advice(code)}, then continue "
-            "with --resume"
-        ) from None
+        then = (
+            f"the previous checkpoint {previous[-1]} is intact; {disk_advice(code)}, then continue with --resume"
+            if previous
+            else f"no earlier checkpoint was saved; {disk_advice(code)}, then run again"
+        )
+        raise DiaBloError(f"cannot write checkpoint {target}: {os.strerror(code)}; {then}") from None
     if keep is not None:
         for old in list_checkpoints(output_dir)[:-keep]:
             remove_checkpoint(old)

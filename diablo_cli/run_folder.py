@@ -432,10 +432,11 @@ def _check_replaceable(path: Path, marker: Marker | None, visible: list[str], co
     """``--overwrite`` replaces only what diablo's ``command`` wrote; say what to do about anything else."""
     if marker is None:
         if RECIPE_FILE in visible or CHECKPOINTS in visible:
+            resume = " (--resume still continues a run of an older diablo)" if command == TRAIN else ""
             raise DiaBloError(
                 f"--overwrite: {path} has no {MARKER_FILE}, the mark diablo leaves in folders it writes; it may be a "
-                f"run of diablo before {__version__} or another tool's folder, so diablo will not delete it: delete "
-                f"it yourself if it is yours, or choose another {option}"
+                f"run of an older diablo, which left no mark, or another tool's folder, so diablo will not delete it: "
+                f"delete it yourself if it is yours, or choose another {option}{resume}"
             )
         raise DiaBloError(
             f"--overwrite: {path} was not written by diablo (no {MARKER_FILE}; it holds {_some(visible)}); "

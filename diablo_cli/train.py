@@ -100,7 +100,8 @@ def train(
         code = disk_errno(err)
         if code is None:
             raise
-        path = getattr(err, "filename", None) or recipe.output.dir
+        written = Path(getattr(err, "filename", None) or recipe.output.dir)
+        path = written.parent if written.name.startswith(".") else written  # a staging file: name its folder
         raise DiaBloError(f"cannot write {path}: {os.strerror(code)}; {_after_disk_fault(recipe, code)}") from None
     finally:
         if folder is not None:

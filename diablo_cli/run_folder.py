@@ -164,6 +164,7 @@ def trash_name(path: Path) -> Path:
 
 
 def remove_checkpoint(path: Path) -> None:
+    """Rename to a trash name, then delete: see ``trash_name``."""
     trash = trash_name(path)
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -228,6 +229,7 @@ class RunFolder:
     before: frozenset[str]  # its entries when claimed (after an --overwrite cleared it)
     lock: FolderLock
     cleaned: list[str] = field(default_factory=list)  # leftovers of earlier, killed runs, removed when claimed
+    saved: bool = False  # the run's deliverable is written: a later failure (an eval, the plot) keeps the folder
 
     @classmethod
     def claim(cls, path: Path, *, overwrite: bool, resuming: bool, option: str = "--output-dir") -> RunFolder:
@@ -278,8 +280,9 @@ class RunFolder:
 
     def discard(self) -> bool:
         """After a failure before the first checkpoint: remove what this run wrote (the folder too, when this run
-        made it). Returns whether anything was removed; a folder holding a checkpoint is left as it is."""
-        if list_checkpoints(self.path):
+        made it). Returns whether anything was removed; a folder holding a checkpoint or the saved adapter is left
+        as it is."""
+        if self.saved or list_checkpoints(self.path):
             return False
         marker = read_marker(self.path)
         owned = set(RUN_FILES) | set(marker.entries if marker else [])

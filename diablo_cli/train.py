@@ -253,6 +253,7 @@ def _train_in_folder(
                 save_pretrained_into(tokenizer, output_dir, prefix=".tokenizer-")
         finally:  # even cut short, what was written is diablo's
             folder.record_written()
+        folder.saved = True
         plot_loss_curve(read_metrics(output_dir / METRICS_FILE), output_dir / LOSS_PLOT, title=_plot_title(recipe))
         if eval_tasks:
             eval_after = run_eval_tasks(recipe, unwrapped, tokenizer, console, label="fine-tuned")

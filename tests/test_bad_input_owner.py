@@ -595,3 +595,15 @@ def test_user_files_survive_a_refused_overwrite_byte_for_byte(tmp_path):
     outcome = run_diablo([*TRAIN, "--overwrite"], tmp_path)
     assert outcome.code == 2 and snapshot(tmp_path) == before
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_a_failure_after_the_adapter_is_saved_keeps_the_run(tmp_path, monkeypatch):
+    """Only a run that failed before its first checkpoint is removed: one whose adapter is saved stays."""
+    from diablo_cli import DiaBloError
+
+    monkeypatch.setattr("diablo_cli.train.plot_loss_curve", _raise(DiaBloError("the plot failed")))
+    with_recipe(tmp_path)
+    outcome = run_diablo([*TRAIN, "--set", "training.save_steps=1000"], tmp_path)
+    assert outcome.code == 2 and "the plot failed" in outcome.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert "adapter_model.safetensors" in read_marker(tmp_path / "out").entries

@@ -61,23 +61,6 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def check_model_output_dir(output_dir: Path, *, overwrite: bool, option: str = "--output") -> None:
-    """Refuse a non-empty output folder unless ``overwrite``, and even then one that holds no model (a typo must
-    not delete someone's files)."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DiaBloError(f"{option} {output_dir} exists and is not a folder")
-    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    if not contents:
-        return
-    if not overwrite:
-        raise DiaBloError(
-            f"{option} {output_dir} is not empty ({', '.join(contents[:4])}{', …' if len(contents) > 4 else ''}); "
-            "pass --overwrite to replace it or choose another folder"
-        )
-    if "config.json" not in contents:
-        raise DiaBloError(f"--overwrite: {output_dir} is not a model folder (no config.json); refusing to delete it")
-
-
 def move_into_place(staging: Path, output_dir: Path) -> None:
     """Swap a finished folder in with renames: the old output survives until the new one is complete.
 

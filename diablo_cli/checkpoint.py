@@ -8,8 +8,8 @@ the whole checkpoint or none; older ones are rotated out after the new one is co
 from __future__ import annotations
 
 import json
+import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,12 +25,19 @@ from torch import nn
 from .atomic import ordinary_permissions
 from .errors import DiaBloError
 from .methods import TrainingMethod
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng_state.safetensors"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from .run_folder import (
+    CHECKPOINTS,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    checkpoint_damage,
+    checkpoint_dir,
+    disk_advice,
+    disk_errno,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    remove_checkpoint,
+)
 
 
 @dataclass
@@ -46,19 +53,6 @@ class TrainerState:
     last_loss: float | None = None
     data_fingerprint: str | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
-
-
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / CHECKPOINTS / f"step-{step:07d}"
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    folder = output_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
 
 
 def save_checkpoint(
@@ -79,6 +73,39 @@ def save_checkpoint(
     Under a sharding engine ``trainable`` and ``optimizer_state`` are the gathered, unsharded weights and optimizer
     state (diablo_cli.distributed), so that the checkpoint is the same as one process would write."""
     target = checkpoint_dir(output_dir, state.global_step)
+    previous = list_checkpoints(output_dir)
+    try:
+        _write_checkpoint(
+            target, method, model, optimizer, scheduler, state, process_rng_states, trainable, optimizer_state
+        )
+    except Exception as err:
+        code = disk_errno(err)
+        if code is None:
+            raise
+        then = (
+            f"the previous checkpoint {previous[-1]} is intact; {disk_advice(code)}, then continue with --resume"
+            if previous
+            else f"no earlier checkpoint was saved; {disk_advice(code)}, then run again"
+        )
+        raise DiaBloError(f"cannot write checkpoint {target}: {os.strerror(code)}; {then}") from None
+    if keep is not None:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            remove_checkpoint(old)
+    return target
+
+
+def _write_checkpoint(
+    target: Path,
+    method: TrainingMethod,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+    process_rng_states: list[dict[str, torch.Tensor]] | None,
+    trainable: dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any] | None,
+) -> None:
+    """Everything into a hidden staging folder, then one rename: a checkpoint is whole or absent."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -96,30 +123,37 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "python_rng": _jsonable(random.getstate()),
             "numpy_rng": _jsonable(np.random.get_state()),
+            "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())},  # checkpoint_damage checks them
         }
         (staging / STATE_FILE).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
         if target.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
-            shutil.rmtree(target)
+            remove_checkpoint(target)
         ordinary_permissions(staging)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if keep is not None:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
-def find_checkpoint(output_dir: Path, requested: str) -> Path:
-    """``latest`` → the newest complete checkpoint in ``output_dir``; else a checkpoint folder's path."""
+def find_checkpoint(output_dir: Path, requested: str, notes: list[str] | None = None) -> Path:
+    """``latest`` → the newest intact checkpoint in ``output_dir`` (a line in ``notes`` for each damaged one
+    skipped); else a checkpoint folder's path, which must be intact."""
     if requested == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise DiaBloError(f"--resume: {output_dir / CHECKPOINTS} holds no checkpoint to resume from")
-        return found[-1]
+        found, skipped = newest_intact_checkpoint(output_dir)
+        damaged = "; ".join(f"{path.relative_to(output_dir)} is damaged ({reason})" for path, reason in skipped)
+        if found is None:
+            where = output_dir / CHECKPOINTS
+            raise DiaBloError(
+                f"--resume: {where} holds no intact checkpoint to resume from" + (f": {damaged}" if damaged else "")
+            )
+        if skipped and notes is not None:
+            notes.append(f"{damaged}; resuming from {found.name}")
+        return found
     path = Path(requested)
     if not (path / STATE_FILE).is_file():
         raise DiaBloError(f"--resume {requested}: not a checkpoint folder (it has no {STATE_FILE})")
+    reason = checkpoint_damage(path)
+    if reason is not None:
+        raise DiaBloError(f"--resume {requested}: the checkpoint is damaged ({reason}); resume from an older one")
     return path
 
 

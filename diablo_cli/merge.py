@@ -17,7 +17,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from .adapter import load_adapter, merge_diablo, read_adapter_config
 from .adapter.files import WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
 from .adapter.model import tied_parameter_names
-from .atomic import check_model_output_dir, move_into_place, read_json
+from .atomic import read_json
 from .errors import DiaBloError
 from .methods import (
     attach_saved_adapter,
@@ -50,6 +49,7 @@ from .models import (
     local_model_folder,
     skeleton_model,
 )
+from .run_folder import MERGE, ModelOutput, check_model_output
 
 log = logging.getLogger("diablo_cli")
 
@@ -160,10 +160,12 @@ def merge_adapter(
     out_dtype = _output_dtype(dtype, base_dir, base_config, quantized)
     report = MergeReport(output_dir, base_name, base_dir, _dtype_name(out_dtype), dequantized=quantized)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     progress = progress or (lambda phase, done, total: None)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-merging-", dir=output_dir.parent))
+    output = ModelOutput(output_dir, command=MERGE, overwrite=overwrite)
+    if output.cleaned:
+        progress(f"removed what interrupted merges left: {', '.join(output.cleaned)}", 0, None)
     try:
+        staging = output.staging("merging")
         if peft_config is not None:
             if quantized:
                 raise DiaBloError(
@@ -193,9 +195,9 @@ def merge_adapter(
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss_bytes()
         write_model_card(staging, report, adapter_dir, document)
-        move_into_place(staging, output_dir)
+        output.publish(staging)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        output.close()
     return report
 
 
@@ -542,7 +544,7 @@ def write_model_card(out: Path, report: MergeReport, adapter_dir: Path, document
 def _check_output_dir(output_dir: Path, adapter_dir: Path, *, overwrite: bool) -> None:
     if output_dir.resolve() == adapter_dir.resolve():
         raise DiaBloError(f"--output {output_dir} is the adapter folder itself; choose another folder")
-    check_model_output_dir(output_dir, overwrite=overwrite)
+    check_model_output(output_dir, command=MERGE, overwrite=overwrite)
 
 
 def checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:

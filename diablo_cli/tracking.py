@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiaBloError
-
-METRICS_FILE = "metrics.jsonl"
+from .run_folder import METRICS_FILE
 
 
 def memory_in_use() -> dict[str, float]:

@@ -10,7 +10,7 @@ batches the interrupted one would have seen.
 from __future__ import annotations
 
 import math
-import shutil
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -25,7 +25,6 @@ from rich.console import Console
 from .adapter.budget import ParameterReport
 from .atomic import save_pretrained_into, write_text_atomic
 from .checkpoint import (
-    CHECKPOINTS,
     TrainerState,
     find_checkpoint,
     load_checkpoint,
@@ -50,12 +49,17 @@ from .precision import DtypeChoice
 from .quantize.trainable import prepare_quantized_training
 from .recipe import Recipe
 from .report import plot_loss_curve, training_progress
-from .tracking import METRICS_FILE, MetricsLog, memory_in_use, read_metrics
-
-RECIPE_FILE = "recipe.yaml"
-LOSS_PLOT = "loss.png"
-SUMMARY_FILE = "train_summary.json"
-_RUN_MARKERS = (RECIPE_FILE, METRICS_FILE, CHECKPOINTS, "adapter_config.json")
+from .run_folder import (
+    LOSS_PLOT,
+    METRICS_FILE,
+    RECIPE_FILE,
+    SUMMARY_FILE,
+    RunFolder,
+    disk_advice,
+    disk_errno,
+    newest_intact_checkpoint,
+)
+from .tracking import MetricsLog, memory_in_use, read_metrics
 
 
 @dataclass
@@ -78,16 +82,42 @@ def train(
 ) -> TrainResult:
     """Run a recipe to the end (or to an interruption, which leaves a checkpoint to ``resume`` from)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     console = console or Console()
-    training = recipe.training
     optimizer_cls, optimizer_kwargs = optimizer_class(recipe)  # before Accelerator: it resets accelerate's state
-    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=accelerator_on_cpu())
+    accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision, cpu=accelerator_on_cpu())
+    folder = None
+    if accelerator.is_main_process:  # one process holds the folder; the others write only through it
+        folder = RunFolder.claim(
+            Path(recipe.output.dir), overwrite=recipe.output.overwrite, resuming=resume is not None
+        )
+        if folder.cleaned:
+            console.print(f"removed what interrupted runs left in {folder.path}: {', '.join(folder.cleaned)}")
+    try:
+        return _train_in_folder(recipe, resume, console, accelerator, optimizer_cls, optimizer_kwargs, folder)
+    except BaseException as err:
+        if folder is not None and folder.discard():
+            console.print(f"removed what this run wrote in {folder.path}: it stopped before its first checkpoint")
+        code = disk_errno(err)
+        if code is None:
+            raise
+        written = Path(getattr(err, "filename", None) or recipe.output.dir)
+        path = written.parent if written.name.startswith(".") else written  # a staging file: name its folder
+        raise DiaBloError(f"cannot write {path}: {os.strerror(code)}; {_after_disk_fault(recipe, code)}") from None
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train_in_folder(
+    recipe: Recipe, resume: str | None, console: Console, accelerator, optimizer_cls, optimizer_kwargs, folder
+) -> TrainResult:
+    """``train`` once the main process holds the output folder (``folder``; None on the other processes)."""
+    from accelerate.utils import set_seed
+
+    training = recipe.training
     main = accelerator.is_main_process
     output_dir = Path(recipe.output.dir)
-    if main:
-        prepare_output_dir(output_dir, overwrite=recipe.output.overwrite, resuming=resume is not None)
     if not main:  # one process reports; the others would repeat every loading bar and warning
         from transformers.utils import logging as transformers_logging
 
@@ -124,7 +154,10 @@ def train(
     if main:
         for line in sharding_notes:
             console.print(line)
-    checkpoint = find_checkpoint(output_dir, resume) if resume is not None else None
+    resume_notes: list[str] = []
+    checkpoint = find_checkpoint(output_dir, resume, resume_notes) if resume is not None else None
+    for line in resume_notes if main else []:
+        console.print(f"[yellow]warning:[/] {line}")
     if checkpoint is not None:  # the weights go in before accelerate shards them; the optimizer's state after
         method.restore(model, checkpoint)
 
@@ -216,9 +249,13 @@ def train(
     gathered = gather_trainable(accelerator, model, engine) if is_sharded(engine) else None  # every rank takes part
     eval_after: dict[str, float] = {}
     if main:
-        method.save(unwrapped, output_dir, base_model=recipe.base_model, tensors=gathered)
-        if recipe.output.save_tokenizer:
-            save_pretrained_into(tokenizer, output_dir, prefix=".tokenizer-")
+        try:
+            method.save(unwrapped, output_dir, base_model=recipe.base_model, tensors=gathered)
+            if recipe.output.save_tokenizer:
+                save_pretrained_into(tokenizer, output_dir, prefix=".tokenizer-")
+        finally:  # even cut short, what was written is diablo's
+            folder.record_written()
+        folder.saved = True
         plot_loss_curve(read_metrics(output_dir / METRICS_FILE), output_dir / LOSS_PLOT, title=_plot_title(recipe))
         if eval_tasks:
             eval_after = run_eval_tasks(recipe, unwrapped, tokenizer, console, label="fine-tuned")
@@ -558,28 +595,6 @@ def run_eval_tasks(recipe: Recipe, model, tokenizer, console: Console, *, label:
     return scores
 
 
-def prepare_output_dir(output_dir: Path, *, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a non-empty folder unless resuming there, or told to replace a previous run."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DiaBloError(f"output dir {output_dir} exists and is not a folder")
-    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    if not contents or resuming:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        return
-    if not overwrite:
-        raise DiaBloError(
-            f"output dir {output_dir} is not empty ({', '.join(contents[:4])}{', …' if len(contents) > 4 else ''}); "
-            "pass --overwrite to replace it, --resume to continue it, or choose another --output-dir"
-        )
-    if not any(name in _RUN_MARKERS for name in contents):
-        raise DiaBloError(
-            f"--overwrite: {output_dir} does not look like a diablo run (no {RECIPE_FILE} or {METRICS_FILE}); "
-            "refusing to delete it; choose another --output-dir"
-        )
-    shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
-
-
 @contextmanager
 def _stop_on_signals():
     """Ctrl-C / SIGTERM ask the loop to checkpoint and stop after the current step; a second Ctrl-C aborts."""
@@ -602,6 +617,14 @@ def _stop_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _after_disk_fault(recipe: Recipe, code: int) -> str:
+    """What to do after a full disk or a blocked write ended a run, naming the checkpoint that survives it."""
+    intact, _ = newest_intact_checkpoint(Path(recipe.output.dir))
+    if intact is None:
+        return f"{disk_advice(code)}, then run again"
+    return f"the checkpoint {intact} is intact: {disk_advice(code)}, then continue with --resume"
 
 
 def _warn_on_resume_differences(console, state: TrainerState, recipe: Recipe, fingerprint: str, path: Path) -> None:

@@ -179,7 +179,7 @@ def test_output_folder_rules(tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
-    with pytest.raises(DiaBloError, match="not a model folder"):
+    with pytest.raises(DiaBloError, match="was not written by diablo"):
         merge_adapter(adapter, notes, overwrite=True)
     assert (notes / "todo.txt").read_text() == "mine"
     with pytest.raises(DiaBloError, match="adapter folder itself"):

@@ -137,7 +137,7 @@ def test_output_dir_is_never_clobbered(tmp_path):
     (foreign / "thesis.tex").write_text("precious")
     with pytest.raises(DiaBloError, match=r"output dir .*run is not empty \(thesis.tex\); pass --overwrite"):
         run(tmp_path, "training.max_steps=1")
-    with pytest.raises(DiaBloError, match="does not look like a diablo run"):
+    with pytest.raises(DiaBloError, match="was not written by diablo"):
         run(tmp_path, "training.max_steps=1", "output.overwrite=true")
     assert (foreign / "thesis.tex").read_text() == "precious"
     run(tmp_path, "training.max_steps=2", name="previous")

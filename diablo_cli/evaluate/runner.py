@@ -20,6 +20,7 @@ import yaml
 
 from ..data.config import DatasetSource
 from ..errors import DiaBloError
+from ..run_folder import RECIPE_FILE
 from . import tasks as builtin
 from .generation import GREEDY, Sampling, generate_samples
 from .tasks import Item, TaskDefinition
@@ -96,8 +97,6 @@ class EvalResult:
 
 def read_saved_recipe(adapter_dir: Path) -> dict[str, Any] | None:
     """The recipe `diablo train` saved beside the adapter (recipe.yaml), or None when there is none."""
-    from ..train import RECIPE_FILE
-
     path = Path(adapter_dir) / RECIPE_FILE
     if not path.is_file():
         return None

@@ -11,8 +11,6 @@ into place at the end, so an interrupted run leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,10 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import check_model_output_dir, move_into_place, read_json, write_text_atomic
+from ..atomic import read_json, write_text_atomic
 from ..errors import DiaBloError
 from ..models import require_extra
 from ..precision import AUTO, choose_dtype, short_name
+from ..run_folder import QUANTIZE, ModelOutput, check_model_output
 from .calibration import DEFAULT_CALIBRATION, build_calibration, check_windows, perplexity
 from .dequantize import dequantized_weights
 from .gptq import GPTQ_BITS, GPTQJob, run_gptq
@@ -120,7 +119,7 @@ def quantize_model(
     progress = progress or (lambda phase, done, total: None)
     output = Path(output)
     _check_options(method, bits, group_size, bnb_quant_type, bnb_compute_dtype, magr_iterations, samples, seq_len)
-    check_model_output_dir(output, overwrite=overwrite)
+    check_model_output(output, command=QUANTIZE, overwrite=overwrite)
     base_dir = local_model_folder(base, revision=revision)
     report = QuantizeReport(
         base=base,
@@ -165,11 +164,13 @@ def quantize_model(
     )
     clock.lap("input statistics")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-quantizing-", dir=output.parent))
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}-source-", dir=output.parent))
-    dequantized_file = scratch / "dequantized.safetensors"
+    writer = ModelOutput(output, command=QUANTIZE, overwrite=overwrite)
+    if writer.cleaned:
+        progress(f"removed what interrupted quantizations left: {', '.join(writer.cleaned)}", 0, None)
     try:
+        staging = writer.staging("quantizing")
+        scratch = writer.staging("source")
+        dequantized_file = scratch / "dequantized.safetensors"
         source_dir = base_dir
         magr_stats: dict[str, tuple[float, float, float]] = {}
         if magr:
@@ -235,10 +236,9 @@ def quantize_model(
         report.size_before_bytes = _weights_bytes(base_dir)
         report.size_after_bytes = _weights_bytes(staging)
         write_text_atomic(staging / REPORT_FILE, json.dumps(asdict(report), indent=2) + "\n")
-        move_into_place(staging, output)
+        writer.publish(staging)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        writer.close()
     return report
 
 

@@ -391,11 +391,12 @@ class _Loop:
         if strike.fatal:
             return self._on_divergence(strike)
         if strike.count == 1 and self.accelerator.is_main_process:
-            patience = self.training.divergence.patience
+            settings = self.training.divergence
+            then = "rolls back" if settings.action == "rollback" else "stops"
             if self.console is not None:
                 self.console.print(
-                    f"[yellow]warning:[/] step {strike.step}: {strike.reason}; the run stops (training.divergence) "
-                    f"if this lasts {patience} steps"
+                    f"[yellow]warning:[/] step {strike.step}: {strike.reason}; the run {then} if this lasts "
+                    f"{settings.patience} steps (training.divergence.patience)"
                 )
             if self.metrics is not None:
                 self.metrics.log({"step": strike.step, "event": "divergence_warning", "reason": strike.reason})

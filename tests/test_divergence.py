@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 from diablo_cli.checkpoint import TrainerState, last_good_checkpoint, saved_state
 from diablo_cli.divergence import CheckpointHealth, Watchdog, WatchState
 from diablo_cli.errors import TrainingStopped
+from diablo_cli.launch import accelerate_launcher
 from diablo_cli.recipe import DivergenceSection, load_recipe
 from diablo_cli.tracking import read_metrics
 from diablo_cli.train import build_scheduler, scale_learning_rate, train
@@ -304,3 +307,30 @@ def test_resuming_from_a_diverging_checkpoint_warns_and_names_the_good_one(tmp_p
     _, output = run(tmp_path, "training.max_steps=7", resume=str(diverged))
     assert "step-0000006 is not a good checkpoint: it was written while the run was diverging" in output
     assert "the last good one is" in output and "step-0000004" in output
+
+
+def test_rollback_under_ddp_leaves_every_rank_where_one_process_would_be(tmp_path, monkeypatch):
+    """Two gloo processes, micro batch 2 each, against one process with micro batch 4: the same rollback, the same
+    losses after it, and the same adapter on both ranks."""
+    root = Path(__file__).parents[1]
+    common = ["logging.progress=false", "model.dtype=fp32", "training.eval_steps=null", "training.save_steps=2"]
+    common += ["training.divergence.action=rollback", "training.max_grad_norm=null"]
+    two = tmp_path / "two"
+    worker = root / "tests" / "data" / "diverge_ranks.py"
+    done = subprocess.run(
+        [*accelerate_launcher(2, None), str(worker), "5", "7", str(TINY), str(tmp_path), f"output.dir={two}",
+         "training.micro_batch_size=2", *common],
+        capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("rolled back to step 4") == 1  # one process reports
+    assert [m["to_step"] for m in records(two) if m.get("event") == "rollback"] == [4]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    poison_losses(monkeypatch, lambda n: 100.0 if n in (5, 6, 7) else 1.0)
+    one, _ = run(tmp_path, *common[3:], "training.micro_batch_size=4", name="one")
+    expected, got = losses(one.output_dir), losses(two)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)

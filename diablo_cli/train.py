@@ -89,6 +89,12 @@ def train(
     optimizer_cls, optimizer_kwargs = optimizer_class(recipe)  # before Accelerator: it resets accelerate's state
     accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=accelerator_on_cpu())
     main = accelerator.is_main_process
+    engine = sharding_engine(accelerator)
+    if training.divergence.action == "rollback" and is_sharded(engine):
+        raise DiaBloError(
+            f"training.divergence.action: rollback restores weights in place, which is not safe while {engine} shards "
+            "them; use action: stop (the run still stops on divergence), or train in one process or with DDP"
+        )
     output_dir = Path(recipe.output.dir)
     if main:
         prepare_output_dir(output_dir, overwrite=recipe.output.overwrite, resuming=resume is not None)
@@ -116,12 +122,6 @@ def train(
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    engine = sharding_engine(accelerator)
-    if training.divergence.action == "rollback" and is_sharded(engine):
-        raise DiaBloError(
-            f"training.divergence.action: rollback restores weights in place, which is not safe while {engine} shards "
-            "them; use action: stop (the run still stops on divergence), or train in one process or with DDP"
-        )
     sharding_notes = configure_sharding(
         accelerator,
         model,

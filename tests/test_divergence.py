@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from diablo_cli.checkpoint import TrainerState, last_good_checkpoint, saved_state
 from diablo_cli.divergence import CheckpointHealth, Watchdog, WatchState
-from diablo_cli.errors import TrainingStopped
+from diablo_cli.errors import DiaBloError, TrainingStopped
 from diablo_cli.launch import accelerate_launcher
 from diablo_cli.recipe import DivergenceSection, load_recipe
 from diablo_cli.tracking import read_metrics
@@ -334,3 +334,13 @@ def test_rollback_under_ddp_leaves_every_rank_where_one_process_would_be(tmp_pat
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero3"])
+def test_sharded_engines_refuse_rollback_in_one_line_before_loading(tmp_path, monkeypatch, engine):
+    """Restoring weights in place is not safe while an engine holds them in shards: refused before any weight loads."""
+    monkeypatch.setattr("diablo_cli.train.sharding_engine", lambda accelerator: engine)
+    monkeypatch.setattr("diablo_cli.train.load_base_model", pytest.fail)  # the refusal comes first
+    with pytest.raises(DiaBloError, match=rf"^training.divergence.action: rollback .* while {engine} shards them; use"):
+        run(tmp_path, "training.divergence.action=rollback")
+    assert not (tmp_path / "run").exists()

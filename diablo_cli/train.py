@@ -364,7 +364,8 @@ class _Loop:
         window_loss = float(accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "sum"))
         if not math.isfinite(window_loss):
             self._losses_finite = False
-            return self._on_divergence(self.watchdog.observe(self.state.global_step + 1, window_loss, None, 0))
+            strike = self.watchdog.observe(self.state.global_step + 1, window_loss, None, 0)
+            return self._on_divergence(strike, stepped=self.engine.startswith("deepspeed"))
         self._grad_norm = None
         if self.training.max_grad_norm:
             self._grad_norm = clip_gradients(accelerator, model, self.training.max_grad_norm, self.engine)
@@ -491,9 +492,10 @@ class _Loop:
             f"stopped by {name} at step {self.state.global_step}{where}; continue with --resume", exit_code=code
         )
 
-    def _on_divergence(self, strike: Strike) -> bool:
+    def _on_divergence(self, strike: Strike, *, stepped: bool = True) -> bool:
         """The run diverged: roll back to the last good checkpoint when the recipe asks and may, else stop (exit 3)
-        naming that checkpoint. Returns False after a rollback."""
+        naming that checkpoint. ``stepped``: the diverging step updated the weights (DeepSpeed steps inside the
+        window's last backward, before a non-finite loss is known). Returns False after a rollback."""
         from accelerate.utils import broadcast_object_list
 
         settings = self.training.divergence
@@ -504,13 +506,13 @@ class _Loop:
         if settings.action == "rollback" and found is not None and self.state.rollbacks < settings.max_rollbacks:
             self._roll_back(strike, *found)
             return False
-        raise TrainingStopped(self._divergence_message(strike, found), exit_code=3)
+        raise TrainingStopped(self._divergence_message(strike, found, stepped=stepped), exit_code=3)
 
-    def _divergence_message(self, strike: Strike, found: tuple[Path, TrainerState] | None) -> str:
+    def _divergence_message(self, strike: Strike, found: tuple[Path, TrainerState] | None, *, stepped: bool) -> str:
         settings = self.training.divergence
-        if strike.reason.startswith("loss became"):  # DeepSpeed steps inside the window's last backward
-            updated = "DeepSpeed had already applied the step" if self.engine.startswith("deepspeed") else None
-            what = f"{strike.reason} at step {strike.step}; {updated or 'stopped without updating the adapter'}"
+        if strike.reason.startswith("loss became"):
+            updated = "DeepSpeed had already applied the step" if stepped else "stopped without updating the adapter"
+            what = f"{strike.reason} at step {strike.step}; {updated}"
         elif strike.count > 1:
             what = f"training diverged at step {strike.step}: {strike.reason}, {strike.count} steps in a row"
         else:
@@ -519,13 +521,14 @@ class _Loop:
             path, state = found
             kept = f"the last good checkpoint is {path} (step {state.global_step}, {state.health.describe()})"
         else:
-            saved = [(path, saved_state(path)) for path in list_checkpoints(self.output_dir)]
-            newest = next(((p, s.health) for p, s in reversed(saved) if s is not None and s.health), None)
-            kept = (
-                f"no checkpoint is good ({newest[0].name}: {newest[1].describe()})"
-                if newest is not None
-                else "no good checkpoint was saved before it"
-            )
+            saved = list_checkpoints(self.output_dir)
+            measured = [(path, state.health) for path in saved if (state := saved_state(path)) and state.health]
+            if measured:
+                kept = f"no checkpoint is good (the newest, {measured[-1][0].name}: {measured[-1][1].describe()})"
+            elif saved:
+                kept = f"no checkpoint is known to be good ({len(saved)} saved without a health record)"
+            else:
+                kept = "no good checkpoint was saved before it"
         if settings.action == "rollback":
             budget = settings.max_rollbacks
             done = f"rolled back {self.state.rollbacks} of {budget} times (training.divergence.max_rollbacks)"

@@ -82,6 +82,13 @@ CASES = [
         created=("out",),
     ),
     Case(
+        "only-diverging-checkpoints",
+        recipe_with(None),
+        ("training diverged at step 4", "no checkpoint is good", "step-0000002", "while the run was diverging"),
+        code=3,
+        created=("out",),
+    ),
+    Case(
         "rollback-with-nothing-good",
         recipe_with({"action": "rollback"}, "training.save_steps=20"),
         ("loss became nan at step 3", "nothing to roll back to"),
@@ -101,6 +108,7 @@ LOSS_FACTORS: dict[str, Callable[[int], float]] = {  # the n-th training forward
     "nan-after-explosion": lambda n: 100.0 if n in (5, 6) else (NAN if n == 7 else 1.0),
     "explosion-without-nan": lambda n: 100.0 if n >= 5 else 1.0,
     "rollback-budget-exhausted": lambda n: 100.0 if n >= 5 else 1.0,
+    "only-diverging-checkpoints": lambda n: 100.0 if n >= 2 else 1.0,
     "rollback-with-nothing-good": lambda n: NAN if n == 3 else 1.0,
 }
 

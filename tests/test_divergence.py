@@ -344,3 +344,18 @@ def test_sharded_engines_refuse_rollback_in_one_line_before_loading(tmp_path, mo
     with pytest.raises(DiaBloError, match=rf"^training.divergence.action: rollback .* while {engine} shards them; use"):
         run(tmp_path, "training.divergence.action=rollback")
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_without_a_health_record_are_not_called_good(tmp_path, monkeypatch):
+    """A checkpoint written before diablo measured health may hold anything: a stop says so rather than vouch."""
+    run(tmp_path, "training.max_steps=4", "training.save_steps=2")
+    state_file = tmp_path / "run" / "checkpoints" / "step-0000002" / "trainer_state.json"
+    document = json.loads(state_file.read_text())
+    for key in ("health", "watch", "lr_scale", "rollbacks"):
+        del document["state"][key]
+    state_file.write_text(json.dumps(document))
+    poison_losses(monkeypatch, lambda n: float("nan"))
+    with pytest.raises(TrainingStopped) as stopped:
+        run(tmp_path, "training.max_steps=4", "training.save_steps=2", resume="latest")
+    assert "loss became nan at step 3" in str(stopped.value)
+    assert "no checkpoint is known to be good (1 saved without a health record)" in str(stopped.value)

@@ -26,7 +26,7 @@ from diablo_cli.errors import DiaBloError, TrainingStopped
 from diablo_cli.launch import accelerate_launcher
 from diablo_cli.recipe import DivergenceSection, load_recipe
 from diablo_cli.tracking import read_metrics
-from diablo_cli.train import build_scheduler, scale_learning_rate, train
+from diablo_cli.train import build_scheduler, checkpoint_health, scale_learning_rate, train, trainable_norm
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 RULE = DivergenceSection().rule()  # the defaults a recipe gets
@@ -152,6 +152,18 @@ def test_norm_growth_counts_only_once_the_window_has_a_grown_reference():
     strikes = observe_all(Watchdog(rule, WatchState()), [10.0] * len(runaway), norms=runaway)
     assert [s.step for s in strikes] == [15, 16, 17] and strikes[-1].fatal
     assert "norm grew 12× in 5 steps" in strikes[0].reason
+
+
+def test_huge_weights_are_measured_as_huge_and_only_non_finite_ones_as_not_finite():
+    """Blocks of 5e19 (as in issue 20) overflow an fp32 sum of squares; they are huge, not infinite."""
+    norm, numel = trainable_norm([torch.full((4,), 5e19), torch.ones(5)])
+    assert norm == pytest.approx(1e20) and numel == 9
+    huge = checkpoint_health([torch.full((4,), 5e19)], losses_finite=True, diverging=False)
+    assert huge.weights_finite and huge.weights_norm == pytest.approx(1e20)
+    for bad in (float("inf"), float("nan")):
+        health = checkpoint_health([torch.tensor([1.0, bad])], losses_finite=True, diverging=False)
+        assert not health.weights_finite and health.weights_norm is None and not health.good
+        assert health.describe() == "its weights are not finite"
 
 
 def test_trainer_state_round_trips_health_and_reads_old_checkpoints():

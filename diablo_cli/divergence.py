@@ -114,7 +114,7 @@ class Watchdog:
         rule = self.rule
         rms = norm / math.sqrt(numel)
         if rms > rule.max_weight_rms:
-            return f"the trainable weights' RMS is {rms:.3g} (max_weight_rms {rule.max_weight_rms:g})"
+            return f"the trainable weights' RMS is {rms:.4g} (max_weight_rms {rule.max_weight_rms:g})"
         norms, window = self.state.norms, rule.norm_window
         if step >= 2 * window and len(norms) >= window and norms[-window] > 0:
             earlier = norms[-window]

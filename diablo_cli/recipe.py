@@ -182,6 +182,7 @@ class DivergenceSection(_Section):
     lr_factor: float = Field(0.5, gt=0, lt=1)
 
     def rule(self) -> DivergenceRule:
+        """The thresholds alone: what the loop's watchdog judges by (the action is the loop's business)."""
         return DivergenceRule(**self.model_dump(exclude={"action", "max_rollbacks", "lr_factor"}))
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import ordinary_permissions
+from .divergence import CheckpointHealth, WatchState
 from .errors import DiaBloError
 from .methods import TrainingMethod
 from .run_folder import (
@@ -53,6 +54,40 @@ class TrainerState:
     last_loss: float | None = None
     data_fingerprint: str | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
+    lr_scale: float = 1.0  # the recipe's learning rate × this, after divergence rollbacks
+    rollbacks: int = 0
+    watch: WatchState = field(default_factory=WatchState)
+    health: CheckpointHealth | None = None  # measured as the checkpoint was written; None in older checkpoints
+
+    def __post_init__(self) -> None:
+        if isinstance(self.watch, dict):  # as read back from trainer_state.json
+            self.watch = WatchState(**self.watch)
+        if isinstance(self.health, dict):
+            self.health = CheckpointHealth(**self.health)
+
+
+def saved_state(path: Path) -> TrainerState | None:
+    """A checkpoint's recorded position and health, without loading it; None when its state file is unreadable."""
+    try:
+        return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["state"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def last_good_checkpoint(output_dir: Path) -> tuple[Path, TrainerState] | None:
+    """The newest intact checkpoint whose weights were finite and that was not written while the run diverged."""
+    for path in reversed(list_checkpoints(output_dir)):
+        state = None if checkpoint_damage(path) else saved_state(path)
+        if state is not None and state.health is not None and state.health.good:
+            return path, state
+    return None
+
+
+def discard_checkpoints_after(output_dir: Path, step: int) -> None:
+    """Remove the checkpoints past ``step``: after a rollback they belong to a run that no longer exists."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if int(path.name.removeprefix("step-")) > step:
+            remove_checkpoint(path)
 
 
 def save_checkpoint(

@@ -28,6 +28,7 @@ from pydantic import (
 
 from .adapter.config import DiaBloConfig, canonical_dtype
 from .data.config import DataConfig, DatasetSource
+from .divergence import DivergenceRule
 from .errors import DiaBloError
 
 BUNDLED_SCHEME = "bundled://"
@@ -165,6 +166,26 @@ def _describe_targets(targets: str | list[str]) -> str:
     return targets if isinstance(targets, str) else ",".join(targets)
 
 
+class DivergenceSection(_Section):
+    """``training.divergence``: when a run counts as diverged (the rule is in diablo_cli/divergence.py) and what
+    then: ``stop`` (exit 3, naming the last good checkpoint) or ``rollback`` to that checkpoint and go on at
+    ``lr_factor`` × the learning rate, at most ``max_rollbacks`` times."""
+
+    action: Literal["stop", "rollback"] = "stop"
+    loss_factor: float = Field(10.0, gt=1)
+    min_loss: float = Field(1.0, ge=0)
+    patience: int = Field(3, ge=1)
+    max_weight_rms: float = Field(100.0, gt=0)
+    norm_factor: float = Field(10.0, gt=1)
+    norm_window: int = Field(20, ge=1)
+    max_rollbacks: int = Field(2, ge=1)
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+
+    def rule(self) -> DivergenceRule:
+        """The thresholds alone: what the loop's watchdog judges by (the action is the loop's business)."""
+        return DivergenceRule(**self.model_dump(exclude={"action", "max_rollbacks", "lr_factor"}))
+
+
 class TrainingSection(_Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -186,6 +207,7 @@ class TrainingSection(_Section):
     eval_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
+    divergence: DivergenceSection = Field(default_factory=DivergenceSection)
 
     @field_validator("optimizer")
     @classmethod

@@ -72,6 +72,12 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Forget the records past ``step``: a rollback replaces them (TensorBoard and W&B keep what they got)."""
+        self._file.close()
+        self._truncate_after(step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+
     def close(self) -> None:
         self._file.close()
         if self._tensorboard is not None:

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +26,13 @@ from .adapter.budget import ParameterReport
 from .atomic import save_pretrained_into, write_text_atomic
 from .checkpoint import (
     TrainerState,
+    discard_checkpoints_after,
     find_checkpoint,
+    last_good_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    saved_state,
     torch_rng_states,
 )
 from .distributed import (
@@ -42,6 +46,7 @@ from .distributed import (
     load_full_optimizer_state,
     sharding_engine,
 )
+from .divergence import CheckpointHealth, Strike, Watchdog
 from .errors import DiaBloError, TrainingStopped
 from .methods import TrainingMethod, training_method
 from .models import base_quantization, load_base_model
@@ -117,6 +122,12 @@ def _train_in_folder(
 
     training = recipe.training
     main = accelerator.is_main_process
+    engine = sharding_engine(accelerator)
+    if training.divergence.action == "rollback" and is_sharded(engine):
+        raise DiaBloError(
+            f"training.divergence.action: rollback restores weights in place, which is not safe while {engine} shards "
+            "them; use action: stop (the run still stops on divergence), or train in one process or with DDP"
+        )
     output_dir = Path(recipe.output.dir)
     if not main:  # one process reports; the others would repeat every loading bar and warning
         from transformers.utils import logging as transformers_logging
@@ -143,7 +154,6 @@ def _train_in_folder(
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    engine = sharding_engine(accelerator)
     sharding_notes = configure_sharding(
         accelerator,
         model,
@@ -235,6 +245,7 @@ def _train_in_folder(
         output_dir,
         batches_per_epoch,
         engine,
+        console=console if main else None,
     )
     started = time.perf_counter()
     try:
@@ -303,6 +314,8 @@ class _Loop:
         output_dir,
         batches_per_epoch,
         engine: str = "none",
+        *,
+        console: Console | None = None,
     ):
         self.recipe, self.training, self.method = recipe, recipe.training, method
         self.engine = engine  # distributed.sharding_engine: how backward, clipping and checkpoints go
@@ -314,6 +327,9 @@ class _Loop:
         self._window_started = time.perf_counter()
         self._grad_norm: float | None = None
         self.batches_per_epoch = batches_per_epoch  # micro-batches per epoch and process
+        self.console = console  # the main process's, for warnings; the progress bar is run()'s
+        self.watchdog = Watchdog(self.training.divergence.rule(), state.watch)
+        self._losses_finite = True  # since the last checkpoint
 
     def run(self, total_steps: int, stop_flag: dict, console: Console | None) -> None:
         progress_context = training_progress(console, total_steps, self.state.global_step) if console else None
@@ -321,14 +337,18 @@ class _Loop:
         with progress if progress is not None else nullcontext():
             while self.state.global_step < total_steps:
                 for window in self._windows():
-                    self._step(window)
+                    if not self._step(window):  # rolled back: start again from the restored data position
+                        if progress is not None:
+                            progress.update(task, completed=self.state.global_step)
+                        break
                     self._after_step(total_steps, progress, task)
                     if stop_flag.get("signal"):
                         self._stop_for_signal(stop_flag["signal"])
                     if self.state.global_step >= total_steps:
                         return
-                self.state.epoch += 1
-                self.state.batches_into_epoch = 0
+                else:
+                    self.state.epoch += 1
+                    self.state.batches_into_epoch = 0
 
     def _windows(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         """This epoch's micro-batches in windows of ``gradient_accumulation_steps``, skipping those consumed
@@ -356,7 +376,8 @@ class _Loop:
         if window:
             yield window
 
-    def _step(self, window: list[dict[str, torch.Tensor]]) -> None:
+    def _step(self, window: list[dict[str, torch.Tensor]]) -> bool:
+        """One optimizer step; False when divergence rolled the run back instead."""
         accelerator, model = self.accelerator, self.model
         model.train()
         supervised = sum(int((b["labels"][..., 1:] != -100).sum()) for b in window)
@@ -381,7 +402,9 @@ class _Loop:
             self._window_tokens += tokens
         window_loss = float(accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "sum"))
         if not math.isfinite(window_loss):
-            self._stop_for_nan(window_loss)
+            self._losses_finite = False
+            strike = self.watchdog.observe(self.state.global_step + 1, window_loss, None, 0)
+            return self._on_divergence(strike, stepped=self.engine.startswith("deepspeed"))
         self._grad_norm = None
         if self.training.max_grad_norm:
             self._grad_norm = clip_gradients(accelerator, model, self.training.max_grad_norm, self.engine)
@@ -393,6 +416,31 @@ class _Loop:
         self.state.supervised_tokens_seen += supervised_all
         self.state.last_loss = window_loss
         self._window_losses.append(window_loss)
+        return self._watch(window_loss)
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.model.parameters() if p.requires_grad]
+
+    def _watch(self, loss: float) -> bool:
+        """Judge the step just taken: warn at a first strike, stop or roll back when the run diverged. Under a
+        sharding engine the weights are measured at checkpoints only, where they are gathered anyway."""
+        norm, numel = (None, 0) if is_sharded(self.engine) else trainable_norm(self._trainable())
+        strike = self.watchdog.observe(self.state.global_step, loss, norm, numel)
+        if strike is None:
+            return True
+        if strike.fatal:
+            return self._on_divergence(strike)
+        if strike.count == 1 and self.accelerator.is_main_process:
+            settings = self.training.divergence
+            then = "rolls back" if settings.action == "rollback" else "stops"
+            if self.console is not None:
+                self.console.print(
+                    f"[yellow]warning:[/] step {strike.step}: {strike.reason}; the run {then} if this lasts "
+                    f"{settings.patience} steps (training.divergence.patience)"
+                )
+            if self.metrics is not None:
+                self.metrics.log({"step": strike.step, "event": "divergence_warning", "reason": strike.reason})
+        return True
 
     def _after_step(self, total_steps: int, progress, task) -> None:
         state, training = self.state, self.training
@@ -454,6 +502,11 @@ class _Loop:
             optimizer_state = full_optimizer_state(self.accelerator, self.model, self.optimizer, self.engine)
         path = None
         if self.accelerator.is_main_process:
+            self.state.health = checkpoint_health(
+                trainable.values() if trainable is not None else self._trainable(),
+                losses_finite=self._losses_finite,
+                diverging=self.watchdog.state.strikes > 0,
+            )
             path = save_checkpoint(
                 self.output_dir,
                 self.method,
@@ -461,11 +514,12 @@ class _Loop:
                 self.optimizer,
                 self.scheduler,
                 self.state,
-                keep=self.training.save_total_limit,
+                keep=self.training.save_total_limit if self.state.health.good else None,  # never rotate out the good
                 process_rng_states=rng_states,
                 trainable=trainable,
                 optimizer_state=optimizer_state,
             )
+        self._losses_finite = True
         self.accelerator.wait_for_everyone()
         return path
 
@@ -477,22 +531,126 @@ class _Loop:
             f"stopped by {name} at step {self.state.global_step}{where}; continue with --resume", exit_code=code
         )
 
-    def _stop_for_nan(self, loss: float) -> None:
-        from .checkpoint import list_checkpoints
+    def _on_divergence(self, strike: Strike, *, stepped: bool = True) -> bool:
+        """The run diverged: roll back to the last good checkpoint when the recipe asks and may, else stop (exit 3)
+        naming that checkpoint. ``stepped``: the diverging step updated the weights (DeepSpeed steps inside the
+        window's last backward, before a non-finite loss is known). Returns False after a rollback."""
+        from accelerate.utils import broadcast_object_list
 
-        found = list_checkpoints(self.output_dir)
-        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved before it"
-        # DeepSpeed steps inside the window's last backward, before the loss is known everywhere
-        updated = (
-            "DeepSpeed had already applied the step"
-            if self.engine.startswith("deepspeed")
-            else ("stopped without updating the adapter")
+        settings = self.training.divergence
+        good = [last_good_checkpoint(self.output_dir) if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:  # one decision for all processes: the main one reads the folder
+            broadcast_object_list(good)
+        found = good[0]
+        if settings.action == "rollback" and found is not None and self.state.rollbacks < settings.max_rollbacks:
+            self._roll_back(strike, *found)
+            return False
+        raise TrainingStopped(self._divergence_message(strike, found, stepped=stepped), exit_code=3)
+
+    def _divergence_message(self, strike: Strike, found: tuple[Path, TrainerState] | None, *, stepped: bool) -> str:
+        settings = self.training.divergence
+        if strike.reason.startswith("loss became"):
+            updated = "DeepSpeed had already applied the step" if stepped else "stopped without updating the adapter"
+            what = f"{strike.reason} at step {strike.step}; {updated}"
+        elif strike.count > 1:
+            what = f"training diverged at step {strike.step}: {strike.reason}, {strike.count} steps in a row"
+        else:
+            what = f"training diverged at step {strike.step}: {strike.reason}"
+        if found is not None:
+            path, state = found
+            kept = f"the last good checkpoint is {path} (step {state.global_step}, {state.health.describe()})"
+        else:
+            saved = list_checkpoints(self.output_dir)
+            measured = [(path, state.health) for path in saved if (state := saved_state(path)) and state.health]
+            if measured:
+                kept = f"no checkpoint is good (the newest, {measured[-1][0].name}: {measured[-1][1].describe()})"
+            elif saved:
+                kept = f"no checkpoint is known to be good ({len(saved)} saved without a health record)"
+            else:
+                kept = "no good checkpoint was saved before it"
+        if settings.action == "rollback":
+            budget = settings.max_rollbacks
+            done = f"rolled back {self.state.rollbacks} of {budget} times (training.divergence.max_rollbacks)"
+            kept += f"; {done}" if self.state.rollbacks >= budget else "; nothing to roll back to"
+            advice = "lower training.learning_rate or check the data"
+        else:
+            advice = "lower training.learning_rate, check the data, or set training.divergence.action: rollback"
+        return f"{what}; {kept}. {advice[0].upper()}{advice[1:]}"
+
+    def _roll_back(self, strike: Strike, path: Path, saved: TrainerState) -> None:
+        """Go back to checkpoint ``path`` — weights, optimizer, scheduler, data position, RNG — and on at a lower
+        learning rate; re-save it so that --resume keeps the lower rate."""
+        settings = self.training.divergence
+        scale, rollbacks = self.state.lr_scale * settings.lr_factor, self.state.rollbacks + 1
+        self.accelerator.wait_for_everyone()
+        self.method.restore(self.accelerator.unwrap_model(self.model), path)
+        restored = load_checkpoint(
+            path,
+            lambda optimizer_state: load_full_optimizer_state(
+                self.accelerator, self.model, self.optimizer, self.engine, optimizer_state
+            ),
+            self.scheduler,
+            rank=self.accelerator.process_index,
         )
-        raise TrainingStopped(
-            f"loss became {loss} at step {self.state.global_step + 1}; {updated}; "
-            f"{kept}. Lower training.learning_rate or check the data",
-            exit_code=3,
-        )
+        scale_learning_rate(self.optimizer, self.scheduler, scale / restored.lr_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        restored.recipe, restored.lr_scale, restored.rollbacks = self.state.recipe, scale, rollbacks
+        vars(self.state).update(vars(restored))  # in place: train() reads the final position from this object
+        self.watchdog = Watchdog(settings.rule(), self.state.watch)
+        self._window_losses, self._window_tokens, self._window_started = [], 0, time.perf_counter()
+        self._losses_finite = True
+        step = self.state.global_step
+        if self.accelerator.is_main_process:
+            discard_checkpoints_after(self.output_dir, step)
+            if self.metrics is not None:
+                self.metrics.rewind(step)
+                self.metrics.log(
+                    {
+                        "step": step,
+                        "event": "rollback",
+                        "from_step": strike.step,
+                        "to_step": step,
+                        "lr_factor": settings.lr_factor,
+                        "lr_scale": scale,
+                        "reason": strike.reason,
+                    }
+                )
+            if self.console is not None:
+                self.console.print(
+                    f"[yellow]rolled back[/] to step {step} ({path}) after step {strike.step}: {strike.reason}; "
+                    f"going on at {scale:g}× the learning rate (rollback {rollbacks} of {settings.max_rollbacks})"
+                )
+        self._checkpoint()
+
+
+def trainable_norm(tensors: Iterable[torch.Tensor]) -> tuple[float, int]:
+    """The L2 norm of the trainable weights, finite exactly when they all are, and how many values they hold.
+
+    Each tensor's norm is taken in its own dtype (float64 throughout costs 50× on CPU); one that overflows there
+    (fp32 squares do past ~1e19) is taken again in float64, so that huge weights are not mistaken for infinite."""
+    tensors = list(tensors)
+    if not tensors:
+        return 0.0, 0
+    norms = torch.stack([torch.linalg.vector_norm(t).to(torch.float64) for t in tensors])
+    for index in torch.isinf(norms).nonzero().flatten().tolist():
+        norms[index] = torch.linalg.vector_norm(tensors[index], dtype=torch.float64)
+    return float(torch.linalg.vector_norm(norms)), sum(t.numel() for t in tensors)
+
+
+def checkpoint_health(tensors: Iterable[torch.Tensor], *, losses_finite: bool, diverging: bool) -> CheckpointHealth:
+    """What a checkpoint records about itself so that "the last good checkpoint" is one that is (see divergence.py)."""
+    norm, _ = trainable_norm(tensors)
+    finite = math.isfinite(norm)
+    return CheckpointHealth(finite, norm if finite else None, losses_finite, diverging)
+
+
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
+    """Multiply the learning rate now and for the rest of the schedule (its base rates), keeping its shape."""
+    scheduler.base_lrs = [rate * factor for rate in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
 
 
 def optimizer_class(recipe: Recipe) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
@@ -629,6 +787,10 @@ def _after_disk_fault(recipe: Recipe, code: int) -> str:
 
 def _warn_on_resume_differences(console, state: TrainerState, recipe: Recipe, fingerprint: str, path: Path) -> None:
     console.print(f"resuming from {path} at step {state.global_step}")
+    if state.health is not None and not state.health.good:
+        good = last_good_checkpoint(path.parent.parent)
+        instead = f"; the last good one is {good[0]}" if good is not None else ""
+        console.print(f"[yellow]warning:[/] {path.name} is not a good checkpoint: {state.health.describe()}{instead}")
     saved, current = _flatten(state.recipe), _flatten(recipe.model_dump(mode="json"))
     changed = sorted(
         k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and not k.startswith("output.")

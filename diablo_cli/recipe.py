@@ -29,6 +29,7 @@ from pydantic import (
 from .adapter.config import DiaBloConfig, canonical_dtype
 from .data.config import DataConfig, DatasetSource
 from .errors import DiaBloError
+from .reading import read_text
 
 BUNDLED_SCHEME = "bundled://"
 
@@ -307,8 +308,9 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DiaBloError(f"recipe {path} does not exist")
+    text = read_text(path, "recipe")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -360,6 +362,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     key_path, sep, text = override.partition("=")
     if not sep or not key_path.strip():
         raise DiaBloError(f"--set {override!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
+    if _undecodable(override):
+        raise DiaBloError(f"--set {key_path.strip()!r}: the value holds bytes that are not UTF-8; type it as UTF-8")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -380,6 +384,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if last == "type" and _changes_type(node, {"type": value}):
             node.clear()  # as in deep_merge: another type starts from its own defaults
         node[last] = value
+
+
+def _undecodable(argument: str) -> bool:
+    """Python hands command-line bytes that are not UTF-8 over as lone surrogates, which no file can hold."""
+    try:
+        argument.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _list_index(node: list, key: str, keys: list[str], override: str) -> int:

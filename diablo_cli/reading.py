@@ -67,7 +67,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno}, column {err.colno}"
-        raise DiaBloError(f"{what} {path}: not valid JSON at {where}: {err.msg}") from None
+        raise DiaBloError(f"{what} {path} is not valid JSON ({where}: {err.msg})") from None
 
 
 def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:

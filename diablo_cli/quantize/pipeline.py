@@ -120,7 +120,7 @@ def quantize_model(
     output = Path(output)
     _check_options(method, bits, group_size, bnb_quant_type, bnb_compute_dtype, magr_iterations, samples, seq_len)
     check_model_output_dir(output, overwrite=overwrite)
-    base_dir = local_model_folder(base, revision=revision)
+    base_dir = local_model_folder(base, revision=revision, trust_remote_code=trust_remote_code)
     report = QuantizeReport(
         base=base,
         output=str(output),

@@ -26,7 +26,7 @@ from .adapter.files import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from .adapter.model import adapted_layers, attach_diablo, describe_kernel
 from .adapter.targets import describe_modules, select_targets
 from .atomic import save_pretrained_into
-from .errors import DiaBloError
+from .errors import AdapterSettingError, DiaBloError
 from .models import captured_output, require_extra
 from .recipe import AdapterSection, DiaBloAdapter, FullAdapter, LoraAdapter
 from .report import parameter_table
@@ -74,7 +74,10 @@ class DiaBloMethod(TrainingMethod):
         config = self.section.to_config()
         if kernel is not None:
             config.kernel = kernel
-        return attach_diablo(model, config)
+        try:
+            return attach_diablo(model, config)
+        except AdapterSettingError as err:  # the recipe's keys live under adapter:
+            raise DiaBloError(f"adapter.{err}") from None
 
     def report(self, model: nn.Module) -> ParameterReport:
         return parameter_report(model)

@@ -35,7 +35,7 @@ BUNDLED_SCHEME = "bundled://"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 _BNB_4BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype")
@@ -167,22 +167,25 @@ def _describe_targets(targets: str | list[str]) -> str:
 
 
 class TrainingSection(_Section):
-    epochs: float = Field(1.0, gt=0)
+    """Bounds catch nonsense before any work starts (a learning rate of 1e12 once trained to exit 0): each is
+    wide enough for every sane run, and the error names the key and its valid range."""
+
+    epochs: float = Field(1.0, gt=0, le=1000)
     max_steps: int | None = Field(None, ge=1)
     micro_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
     optimizer: str = "adamw_torch"
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    adam_epsilon: float = Field(1e-8, gt=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
@@ -202,6 +205,11 @@ class TrainingSection(_Section):
     def _one_warmup(self) -> TrainingSection:
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps {self.warmup_steps} is not below max_steps {self.max_steps}: the learning rate would "
+                "never leave its warm-up; valid: 0 to max_steps - 1"
+            )
         return self
 
 
@@ -445,6 +453,10 @@ def _explain(err: ValidationError) -> str:
         return f"{key}: unknown key{kind}{_did_you_mean(location[-1], valid)}; valid keys here: {', '.join(valid)}"
     if first["type"] == "missing":
         return f"{key}: required but missing"
+    if first["type"] in _RANGE_ERRORS:
+        bounds = _valid_range(location, adapter_type) or first["msg"]
+        finite = "a finite number " if first["type"] == "finite_number" else ""
+        return f"{key}: {first.get('input')} is out of range; valid: {finite}{bounds}"
     given = first.get("input")
     shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
     message = first["msg"].removeprefix("Value error, ")
@@ -463,6 +475,30 @@ def _valid_keys(location: list[str], adapter_type: str | None = None) -> list[st
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
+_BOUND_WORDS = {"gt": "above {}", "ge": "at least {}", "lt": "below {}", "le": "at most {}"}
+
+
+def _valid_range(location: list[str], adapter_type: str | None) -> str | None:
+    """A numeric key's bounds in words (``above 0 and at most 1``), read from the schema itself."""
+    model: Any = Recipe
+    field = None
+    for part in location:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = _ADAPTER_MODELS[adapter_type] if part == "adapter" and adapter_type else _model_in(field.annotation)
+    words = [
+        template.format(getattr(bound, name))
+        for bound in (field.metadata if field is not None else [])
+        for name, template in _BOUND_WORDS.items()
+        if getattr(bound, name, None) is not None
+    ]
+    return " and ".join(words) if words else None
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

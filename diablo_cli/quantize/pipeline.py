@@ -27,6 +27,7 @@ from torch import nn
 from ..atomic import check_model_output_dir, move_into_place, read_json, write_text_atomic
 from ..errors import DiaBloError
 from ..models import require_extra
+from ..reading import read_json_object
 from .calibration import DEFAULT_CALIBRATION, build_calibration, check_windows, perplexity
 from .dequantize import dequantized_weights
 from .gptq import GPTQ_BITS, GPTQJob, run_gptq
@@ -348,7 +349,7 @@ def _load_full_precision(base_dir: Path, trust_remote_code: bool) -> nn.Module:
     """The base in fp32 on CPU (MagR and the statistics want full precision), in its own dtype on a GPU."""
     from ..models import base_quantization, load_model_folder
 
-    if base_quantization(read_json(base_dir / "config.json")) is not None:
+    if base_quantization(read_json_object(base_dir / "config.json", "model config")) is not None:
         raise DiaBloError(f"{base_dir} is already quantized; diablo quantize needs a full-precision base")
     dtype = None if torch.cuda.is_available() else torch.float32
     return load_model_folder(base_dir, dtype, trust_remote_code=trust_remote_code)

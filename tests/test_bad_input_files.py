@@ -40,8 +40,19 @@ def sources(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sources")
     model = attach_diablo(tiny_llama(), DiaBloConfig(blocks=4, target_modules="QV"))
     SOURCES["adapter"] = save_adapter(model, folder / "adapter", base_model=str(tiny_model_dir()))
+    SOURCES["peft"] = peft_adapter(folder / "peft")
     yield
     SOURCES.clear()
+
+
+def peft_adapter(folder: Path) -> Path:
+    """A LoRA adapter as PEFT saves it (another tool's adapter, or a `type: lora` run)."""
+    peft = pytest.importorskip("peft")
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tiny_model_dir())  # PEFT records the in-memory model's (none)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
 
 
 # --- what the user's folder holds -----------------------------------------------------------------------------
@@ -66,8 +77,8 @@ def recipe(root: Path, name: str = "recipe.yaml", **changes) -> str:
     return name
 
 
-def adapter(root: Path, name: str = "adapter") -> Path:
-    return Path(shutil.copytree(SOURCES["adapter"], root / name))
+def adapter(root: Path, name: str = "adapter", kind: str = "adapter") -> Path:
+    return Path(shutil.copytree(SOURCES[kind], root / name))
 
 
 def model_folder(root: Path, name: str = "model") -> Path:
@@ -105,8 +116,8 @@ def damaged_model(root: Path, name: str = "model") -> str:
     return name
 
 
-def damaged_adapter(root: Path, *, empty: bool = False, junk: bool = False) -> str:
-    weights = adapter(root) / "adapter_model.safetensors"
+def damaged_adapter(root: Path, *, empty: bool = False, junk: bool = False, kind: str = "adapter") -> str:
+    weights = adapter(root, kind=kind) / "adapter_model.safetensors"
     if empty:
         weights.write_bytes(b"")
     elif junk:
@@ -343,6 +354,16 @@ CASES = [
         "inspect-adapter-truncated", command_on_damaged_adapter("inspect"), ("adapter_model.safetensors", "truncated")
     ),
     Case("eval-adapter-truncated", command_on_damaged_adapter("eval"), ("adapter_model.safetensors", "truncated")),
+    Case(
+        "merge-peft-adapter-truncated",
+        command_on_damaged_adapter("merge", kind="peft"),
+        ("adapter/adapter_model.safetensors", "truncated"),
+    ),
+    Case(
+        "eval-peft-adapter-truncated",
+        command_on_damaged_adapter("eval", kind="peft"),
+        ("adapter/adapter_model.safetensors", "truncated"),
+    ),
     Case("merge-base-shard-truncated", merge_damaged_base, ("model/model.safetensors", "truncated", "download")),
     Case("eval-merged-folder-truncated", eval_damaged_merged, ("merged/model.safetensors", "truncated")),
     Case("quantize-source-truncated", quantize_damaged_source, ("model/model.safetensors", "truncated")),

@@ -257,6 +257,19 @@ def command_on_adapter_config(command: str, text: bytes):
     return setup
 
 
+def saved_recipe_latin1(command: str):
+    """A run folder whose recipe.yaml (the base it names is read from it) was edited and saved as Latin-1."""
+
+    def setup(root):
+        (adapter(root) / "recipe.yaml").write_bytes("base_model: tiny-random-llama  # modèle\n".encode("latin-1"))
+        if command == "merge":
+            return ["merge", "-a", "adapter", "-o", "merged"]
+        data_file(root)
+        return eval_loss("-a", "adapter", "--no-base")
+
+    return setup
+
+
 def merge_damaged_base(root):
     return ["merge", "-a", str(adapter(root)), "--base", damaged_model(root), "-o", "merged", "--dtype", "fp32"]
 
@@ -386,6 +399,8 @@ CASES = [
         ("adapter_config.json", *BYTE),
     ),
     Case("eval-adapter-config-empty", command_on_adapter_config("eval", b""), ("adapter_config.json", "empty")),
+    Case("merge-saved-recipe-latin1", saved_recipe_latin1("merge"), ("adapter/recipe.yaml", *BYTE)),
+    Case("eval-saved-recipe-latin1", saved_recipe_latin1("eval"), ("adapter/recipe.yaml", *BYTE)),
     Case("merge-base-config-broken", merge_base_config_broken, ("model/config.json", "line 3")),
     Case("eval-merged-config-empty", eval_merged_config_empty, ("merged/config.json", "empty")),
     # Custom-code bases without trust: every command names trust_remote_code and runs none of the code.

@@ -114,8 +114,12 @@ def check_block_counts(targets: list[Target], config: DiaBloConfig) -> None:
     shapes: dict[str, set[tuple[int, int]]] = {}
     for target in targets:
         shapes.setdefault(block_setting(target.name, config), set()).add((target.in_features, target.out_features))
+    checked: set[tuple[int, int, int]] = set()  # a 70B model repeats a handful of shapes hundreds of times
     for target in targets:
         layout = BlockLayout(target.in_features, target.out_features, target.blocks)
+        if (layout.in_features, layout.out_features, layout.blocks) in checked:
+            continue
+        checked.add((layout.in_features, layout.out_features, layout.blocks))
         side = min(target.in_features, target.out_features)
         share = padding_share(layout)
         if target.blocks <= side and share <= MAX_PADDING_SHARE:

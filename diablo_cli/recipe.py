@@ -205,11 +205,6 @@ class TrainingSection(_Section):
     def _one_warmup(self) -> TrainingSection:
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
-        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
-            raise ValueError(
-                f"warmup_steps {self.warmup_steps} is not below max_steps {self.max_steps}: the learning rate would "
-                "never leave its warm-up; valid: 0 to max_steps - 1"
-            )
         return self
 
 

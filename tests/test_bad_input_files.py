@@ -434,8 +434,9 @@ CASES = [
     Case("train-learning-rate-0", recipe_with("training.learning_rate=0"), ("training.learning_rate", "above 0")),
     Case("train-epochs-1e9", recipe_with("training.epochs=1.0e9"), ("training.epochs", "at most 1000")),
     Case("train-weight-decay-5", recipe_with("training.weight_decay=5"), ("training.weight_decay", "at most 1")),
+    Case("train-adam-epsilon-5", recipe_with("training.adam_epsilon=5"), ("training.adam_epsilon", "below 1")),
+    Case("train-warmup-ratio-1.5", recipe_with("training.warmup_ratio=1.5"), ("training.warmup_ratio", "below 1")),
     Case("train-seed-negative", recipe_with("training.seed=-1"), ("training.seed", "at least 0")),
-    Case("train-warmup-past-max-steps", recipe_with("training.warmup_steps=5"), ("warmup_steps", "max_steps")),
     Case("train-max-grad-norm-inf", recipe_with("training.max_grad_norm=.inf"), ("training.max_grad_norm", "finite")),
 ]
 

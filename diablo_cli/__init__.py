@@ -18,10 +18,11 @@ from .adapter import (
     save_adapter,
     unmerge_diablo,
 )
-from .errors import AdapterMismatchError, DiaBloError
+from .errors import AdapterMismatchError, AdapterSettingError, DiaBloError
 
 __all__ = [
     "AdapterMismatchError",
+    "AdapterSettingError",
     "DiaBloConfig",
     "DiaBloError",
     "DiaBloLinear",

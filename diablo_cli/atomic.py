@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DiaBloError
+from .reading import read_json_object
 
 
 @contextlib.contextmanager
@@ -50,10 +49,7 @@ def ordinary_permissions(path: Path) -> None:
 
 def read_json(path: Path) -> dict:
     """A JSON file this project (or a checkpoint it reads) wrote; a one-line error naming it otherwise."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DiaBloError(f"cannot read {path}: {err}") from None
+    return read_json_object(path)
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:

@@ -69,6 +69,7 @@ def train(
 ) -> None:
     """Fine-tune a base model with DiaBlo as a recipe says; the adapter goes to the output dir."""
     from .launch import LAUNCHERS, launch_with_accelerate
+    from .models import check_local_model, resolve_model
     from .recipe import load_recipe
     from .train import dry_run as show_dry_run
     from .train import train as run_training
@@ -83,6 +84,9 @@ def train(
     if overwrite:
         overrides.append("output.overwrite=true")
     loaded = load_recipe(recipe, overrides)  # checked here, before any process starts
+    check_local_model(
+        resolve_model(loaded.base_model), loaded.base_model, trust_remote_code=loaded.model.trust_remote_code
+    )
     if dry_run:
         show_dry_run(loaded)
         return
@@ -113,6 +117,7 @@ def merge(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in the output folder."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision of the base."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own modelling code."),
 ) -> None:
     """Fold an adapter into its base: a standalone Hugging Face model, verified, written shard by shard."""
     from rich.console import Console
@@ -131,6 +136,7 @@ def merge(
             verify=verify,
             overwrite=overwrite,
             revision=revision,
+            trust_remote_code=trust_remote_code,
             progress=advance,
         )
     for line in merge_summary(report):

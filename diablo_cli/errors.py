@@ -9,6 +9,11 @@ class AdapterMismatchError(DiaBloError):
     """An adapter on disk does not fit the base model it is being loaded into."""
 
 
+class AdapterSettingError(DiaBloError):
+    """An adapter setting that does not fit the model it is attached to; the message starts with the setting's
+    name, so a recipe can prefix it with its section (``adapter.blocks: ...``)."""
+
+
 class TrainingStopped(DiaBloError):
     """A run stopped early on purpose (a signal) or for safety (a non-finite loss); the exit code says which."""
 

@@ -21,8 +21,9 @@ from .adapter.config import is_letter_spec
 from .adapter.layer import BlockLayout
 from .adapter.targets import Target, linear_modules, module_letters
 from .errors import DiaBloError
-from .models import MODEL_ALIASES, _explain_load_failure, resolve_model, skeleton_model
+from .models import MODEL_ALIASES, _explain_load_failure, check_local_model, resolve_model, skeleton_model
 from .precision import AUTO, DtypeChoice, choose_dtype
+from .reading import open_safetensors
 
 PAPER_CONFIGS = "models/paper"
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")
@@ -45,6 +46,7 @@ def load_model_config(name: str, *, trust_remote_code: bool = False, revision: s
         values = dict(shipped)
         return AutoConfig.for_model(values.pop("model_type"), **values)
     source = resolve_model(name)
+    check_local_model(source, name, trust_remote_code=trust_remote_code)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
@@ -498,16 +500,14 @@ class AdapterInspection:
 
 def inspect_adapter(path: str | Path) -> AdapterInspection:
     """Read an adapter folder (one tensor at a time) and measure each layer's block norm."""
-    from safetensors import safe_open
-
     from .adapter import read_adapter_config
-    from .adapter.files import WEIGHTS_FILE
+    from .adapter.files import DAMAGED_ADAPTER_ADVICE, WEIGHTS_FILE
     from .adapter.layer import ADAPTER_PARAMETER
 
     directory = Path(path)
     document = read_adapter_config(directory)
     layers = []
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+    with open_safetensors(directory / WEIGHTS_FILE, DAMAGED_ADAPTER_ADVICE) as weights:
         stored = set(weights.keys())
         for name, entry in document["modules"].items():
             key = f"{name}.{ADAPTER_PARAMETER}"

@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
 from .adapter import load_adapter, merge_diablo, read_adapter_config
-from .adapter.files import WEIGHTS_FILE, check_against_base
+from .adapter.files import DAMAGED_ADAPTER_ADVICE, WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
 from .adapter.model import tied_parameter_names
-from .atomic import read_json
 from .errors import DiaBloError
 from .methods import (
     attach_saved_adapter,
@@ -42,6 +40,7 @@ from .methods import (
     saved_adapter_disabled,
 )
 from .models import (
+    DAMAGED_MODEL_ADVICE,
     TORCH_DTYPES,
     base_quantization,
     compute_device,
@@ -49,6 +48,7 @@ from .models import (
     local_model_folder,
     skeleton_model,
 )
+from .reading import open_safetensors, read_json_object
 from .run_folder import MERGE, ModelOutput, check_model_output
 
 log = logging.getLogger("diablo_cli")
@@ -133,13 +133,15 @@ def merge_adapter(
     verify: bool = True,
     overwrite: bool = False,
     revision: str | None = None,
+    trust_remote_code: bool = False,
     progress: ProgressCallback | None = None,
 ) -> MergeReport:
     """Merge the adapter in ``adapter_dir`` into its base and write a Hugging Face model to ``output_dir``.
 
     ``base`` defaults to the base recorded in the adapter; ``dtype`` (fp32/bf16/fp16) to the base's own.
     With ``verify`` the merged model must reproduce base+adapter logits within a dtype tolerance, or
-    nothing is written. ``output_dir`` defaults to ``<adapter_dir>-merged``.
+    nothing is written. ``output_dir`` defaults to ``<adapter_dir>-merged``. A base that needs its own
+    modelling code is refused unless ``trust_remote_code``.
     """
     started = time.perf_counter()
     adapter_dir = Path(adapter_dir)
@@ -153,8 +155,8 @@ def merge_adapter(
     shard_limit = parse_shard_size(max_shard_size)
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise DiaBloError(f"--dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
-    base_dir = local_model_folder(base_name, revision=revision)
-    base_config = read_json(base_dir / "config.json")
+    base_dir = local_model_folder(base_name, revision=revision, trust_remote_code=trust_remote_code)
+    base_config = read_json_object(base_dir / "config.json", "model config")
     quantization = base_quantization(base_config)
     quantized = quantization["method"] if quantization else None
     out_dtype = _output_dtype(dtype, base_dir, base_config, quantized)
@@ -173,17 +175,29 @@ def merge_adapter(
                     "folds LoRA/DoRA into full-precision bases only: merge into the unquantized model (--base)"
                 )
             progress(f"merging the PEFT {peft_config['peft_type']} adapter in memory", 0, None)
-            merge_peft_in_memory(adapter_dir, base_dir, staging, out_dtype, shard_limit, report, verify=verify)
+            merge_peft_in_memory(
+                adapter_dir, base_dir, staging, out_dtype, shard_limit, report, verify=verify, trust=trust_remote_code
+            )
         elif quantized:
             progress(f"dequantizing the {quantized} base and merging in memory", 0, None)
-            merge_in_memory(adapter_dir, base_dir, base_config, staging, out_dtype, shard_limit, report, verify=verify)
+            merge_in_memory(
+                adapter_dir,
+                base_dir,
+                base_config,
+                staging,
+                out_dtype,
+                shard_limit,
+                report,
+                verify=verify,
+                trust=trust_remote_code,
+            )
         else:
-            plan = plan_streaming_merge(adapter_dir, document, base_dir)
+            plan = plan_streaming_merge(adapter_dir, document, base_dir, trust=trust_remote_code)
             stream_merge(plan, staging, out_dtype, shard_limit, report, progress=progress)
             _write_config(base_config, staging, out_dtype, untie=bool(report.untied))
             if verify:
                 progress("verifying: base+adapter vs merged logits", 0, None)
-                report.verification = verify_merge(adapter_dir, base_dir, staging, out_dtype)
+                report.verification = verify_merge(adapter_dir, base_dir, staging, out_dtype, trust=trust_remote_code)
         _copy_side_files(base_dir, adapter_dir, staging)
         if report.verification is not None and not report.verification.passed:
             check = report.verification
@@ -214,19 +228,21 @@ class MergePlan:
     tensor_count: int  # tensors in the base's shards (for progress)
 
 
-def plan_streaming_merge(adapter_dir: Path, document: dict[str, Any], base_dir: Path) -> MergePlan:
+def plan_streaming_merge(
+    adapter_dir: Path, document: dict[str, Any], base_dir: Path, *, trust: bool = False
+) -> MergePlan:
     """Check the adapter against the base's architecture (built on the meta device: no weights read) and
     find each adapted weight in the base's safetensors; the first mismatch is named."""
     from transformers import AutoConfig
 
-    skeleton = skeleton_model(AutoConfig.from_pretrained(base_dir))
+    skeleton = skeleton_model(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust), trust_remote_code=trust)
     targets = check_against_base(skeleton, document, adapter_dir)
     modules = dict(skeleton.named_modules())
     shards, keys = checkpoint_keys(base_dir)
     aliases = tied_parameter_names(skeleton)
 
     plan = MergePlan(shards, {}, {}, set(), {}, set(), len(keys))
-    with safe_open(str(adapter_dir / WEIGHTS_FILE), framework="pt") as weights:
+    with open_safetensors(adapter_dir / WEIGHTS_FILE, DAMAGED_ADAPTER_ADVICE) as weights:
         for target in targets:
             key = f"{target.name}.weight"
             source = key if key in keys else next((alias for alias in aliases.get(key, ()) if alias in keys), None)
@@ -261,7 +277,7 @@ def stream_merge(
     tied_outputs = {key: source for key, source in plan.sources.items() if key != source}
     done = 0
     for shard in plan.shards:
-        with safe_open(str(shard), framework="pt") as reader:
+        with open_safetensors(shard, DAMAGED_MODEL_ADVICE) as reader:
             for key in list(reader.keys()):
                 tensor = reader.get_tensor(key)
                 if key in plan.blocks:
@@ -333,17 +349,19 @@ class _ShardWriter:
         return summary
 
 
-def verify_merge(adapter_dir: Path, base_dir: Path, merged_dir: Path, dtype: torch.dtype) -> Verification:
+def verify_merge(
+    adapter_dir: Path, base_dir: Path, merged_dir: Path, dtype: torch.dtype, *, trust: bool = False
+) -> Verification:
     """Run a probe batch through base+adapter and through the merged folder loaded by plain transformers,
     one model at a time (verifying never holds two models in memory), and compare the logits.
 
     Both run in fp32 (the merged weights upcast exactly), so activation rounding does not blur the
     comparison: what remains is the one rounding of the merged weights to ``dtype``."""
-    reference = load_model_folder(base_dir, torch.float32)
+    reference = load_model_folder(base_dir, torch.float32, trust_remote_code=trust)
     load_adapter(reference, adapter_dir)
     outputs = reference_outputs(reference, dtype)
     del reference
-    return compare_with_folder(outputs, merged_dir, dtype)
+    return compare_with_folder(outputs, merged_dir, dtype, trust=trust)
 
 
 @dataclass
@@ -374,9 +392,11 @@ def reference_outputs(model, dtype: torch.dtype) -> ReferenceOutputs:
     return ReferenceOutputs(probe, expected, bare, floor)
 
 
-def compare_with_folder(reference: ReferenceOutputs, merged_dir: Path, dtype: torch.dtype) -> Verification:
+def compare_with_folder(
+    reference: ReferenceOutputs, merged_dir: Path, dtype: torch.dtype, *, trust: bool = False
+) -> Verification:
     """Load ``merged_dir`` as any user would (plain transformers; weights upcast to fp32) and score it."""
-    merged = load_model_folder(merged_dir, torch.float32)
+    merged = load_model_folder(merged_dir, torch.float32, trust_remote_code=trust)
     with torch.no_grad():
         actual = merged(**reference.probe).logits.float().cpu()
     expected = reference.expected
@@ -393,11 +413,19 @@ def compare_with_folder(reference: ReferenceOutputs, merged_dir: Path, dtype: to
 
 
 def merge_peft_in_memory(
-    adapter_dir: Path, base_dir: Path, out: Path, dtype: torch.dtype, shard_limit: int, report: MergeReport, *, verify
+    adapter_dir: Path,
+    base_dir: Path,
+    out: Path,
+    dtype: torch.dtype,
+    shard_limit: int,
+    report: MergeReport,
+    *,
+    verify: bool,
+    trust: bool = False,
 ) -> None:
     """The path for a ``type: lora | dora`` run: PEFT's own merge (``merge_and_unload``) on the fp32 base, saved
     in ``dtype`` and checked against base+adapter the same way as a DiaBlo merge."""
-    model = attach_saved_adapter(load_model_folder(base_dir, torch.float32), adapter_dir)
+    model = attach_saved_adapter(load_model_folder(base_dir, torch.float32, trust_remote_code=trust), adapter_dir)
     reference = reference_outputs(model, dtype) if verify else None
     merged = model.merge_and_unload()
     merged.to(dtype).save_pretrained(out, safe_serialization=True, max_shard_size=shard_limit)
@@ -406,7 +434,7 @@ def merge_peft_in_memory(
     report.tensors = len(merged.state_dict())
     del model, merged
     if reference is not None:
-        report.verification = compare_with_folder(reference, out, dtype)
+        report.verification = compare_with_folder(reference, out, dtype, trust=trust)
 
 
 def merge_in_memory(
@@ -419,6 +447,7 @@ def merge_in_memory(
     report: MergeReport,
     *,
     verify: bool,
+    trust: bool = False,
 ) -> None:
     """The path for quantized bases: load them as transformers does, dequantize every quantized layer
     (to fp32, like all merge arithmetic), keep base+adapter as the reference, merge with
@@ -426,7 +455,7 @@ def merge_in_memory(
     from .adapter import adapted_layers
     from .quantize import dequantized_layers, replace_layers
 
-    model = load_model_folder(base_dir, None)
+    model = load_model_folder(base_dir, None, trust_remote_code=trust)
     load_adapter(model, adapter_dir)
     dense = dequantized_layers(model, torch.float32)  # before any forward pass (see dequantized_layers)
     if verify:
@@ -459,7 +488,7 @@ def merge_in_memory(
     _write_config(base_config, out, dtype, untie=not getattr(model.config, "tie_word_embeddings", True))
     del model
     if verify:
-        report.verification = compare_with_folder(reference, out, dtype)
+        report.verification = compare_with_folder(reference, out, dtype, trust=trust)
 
 
 def _count_changes(report: MergeReport, merged: torch.Tensor, original: torch.Tensor, layout: BlockLayout) -> None:
@@ -551,14 +580,14 @@ def checkpoint_keys(base_dir: Path) -> tuple[list[Path], set[str]]:
     """The base's safetensors files in order and every tensor key they hold (headers only)."""
     index_path = base_dir / INDEX_FILE
     if index_path.is_file():
-        weight_map = read_json(index_path).get("weight_map") or {}
+        weight_map = read_json_object(index_path, "shard index").get("weight_map") or {}
         shards = [base_dir / name for name in dict.fromkeys(weight_map.values())]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
             raise DiaBloError(f"{index_path} lists {missing[0]}, which is not in {base_dir}")
         return shards, set(weight_map)
     if (base_dir / SINGLE_FILE).is_file():
-        with safe_open(str(base_dir / SINGLE_FILE), framework="pt") as reader:
+        with open_safetensors(base_dir / SINGLE_FILE, DAMAGED_MODEL_ADVICE) as reader:
             return [base_dir / SINGLE_FILE], set(reader.keys())
     pickles = sorted(p.name for p in base_dir.glob("*.bin")) + sorted(p.name for p in base_dir.glob("*.pt*"))
     raise DiaBloError(
@@ -581,7 +610,7 @@ def _output_dtype(requested: str | None, base_dir: Path, config: dict[str, Any],
 def _stored_float_dtype(base_dir: Path) -> torch.dtype | None:
     """The dtype the base's weights are actually stored in (its config can disagree)."""
     shards, _ = checkpoint_keys(base_dir)
-    with safe_open(str(shards[0]), framework="pt") as reader:
+    with open_safetensors(shards[0], DAMAGED_MODEL_ADVICE) as reader:
         for key in list(reader.keys()):
             dtype = reader.get_slice(key).get_dtype()
             if dtype in ("F32", "BF16", "F16"):

@@ -22,12 +22,13 @@ from torch import nn
 
 from .adapter import parameter_report, save_adapter
 from .adapter.budget import ParameterReport
-from .adapter.files import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from .adapter.files import CONFIG_FILE, DAMAGED_ADAPTER_ADVICE, WEIGHTS_FILE, read_adapter_config
 from .adapter.model import adapted_layers, attach_diablo, describe_kernel
 from .adapter.targets import describe_modules, select_targets
 from .atomic import save_pretrained_into
-from .errors import DiaBloError
+from .errors import AdapterSettingError, DiaBloError
 from .models import captured_output, require_extra
+from .reading import open_safetensors
 from .recipe import AdapterSection, DiaBloAdapter, FullAdapter, LoraAdapter
 from .report import parameter_table
 
@@ -74,7 +75,10 @@ class DiaBloMethod(TrainingMethod):
         config = self.section.to_config()
         if kernel is not None:
             config.kernel = kernel
-        return attach_diablo(model, config)
+        try:
+            return attach_diablo(model, config)
+        except AdapterSettingError as err:  # the recipe's keys live under adapter:
+            raise DiaBloError(f"adapter.{err}") from None
 
     def report(self, model: nn.Module) -> ParameterReport:
         return parameter_report(model)
@@ -316,6 +320,8 @@ def attach_saved_adapter(model: nn.Module, directory: Path) -> nn.Module:
         return load_adapter(model, directory)
     if not (Path(directory) / PEFT_WEIGHTS).is_file():
         raise DiaBloError(f"{directory} has no {PEFT_WEIGHTS} (only safetensors adapter weights are loaded)")
+    with open_safetensors(Path(directory) / PEFT_WEIGHTS, DAMAGED_ADAPTER_ADVICE):
+        pass  # PEFT's own load names no file when the weights are damaged
     peft = import_peft()
     with quiet_peft():
         return peft.PeftModel.from_pretrained(model, str(directory), is_trainable=False).eval()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import ordinary_permissions
 from .errors import DiaBloError
+from .reading import check_safetensors, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +50,10 @@ MODEL_ALIASES: dict[str, str] = {
     "llama2-70b": "meta-llama/Llama-2-70b-hf",  # not in the paper: for sizing runs with `diablo inspect`
 }
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TRUST_ADVICE = (
+    "if you trust it, pass --trust-remote-code (diablo train: set model.trust_remote_code: true in the recipe)"
+)
+DAMAGED_MODEL_ADVICE = "download the model again (or, for a folder diablo wrote, run diablo merge or quantize again)"
 
 
 def resolve_model(name: str) -> str:
@@ -91,6 +96,7 @@ def load_base_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     source = resolve_model(name)
+    check_local_model(source, name, trust_remote_code=trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -313,18 +319,56 @@ MODEL_FOLDER_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", 
 """What a merge needs from a hub repository: configs, safetensors weights and tokenizer files (never pickles)."""
 
 
-def local_model_folder(name: str, *, revision: str | None = None) -> Path:
+def local_model_folder(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Path:
     """A local folder holding ``name``'s files: the folder itself, the bundled model, or a hub snapshot
-    (downloaded once into the Hugging Face cache, safetensors and configs only)."""
+    (downloaded once into the Hugging Face cache, safetensors and configs only); checked as
+    :func:`check_local_model` says."""
     source = resolve_model(name)
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
+    if not Path(source).is_dir():
+        from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=MODEL_FOLDER_FILES))
-    except Exception as err:  # offline, gated, missing, bad id: all end in the same advice
-        raise DiaBloError(_explain_load_failure(name, source, err)) from None
+        try:
+            source = snapshot_download(source, revision=revision, allow_patterns=MODEL_FOLDER_FILES)
+        except Exception as err:  # offline, gated, missing, bad id: all end in the same advice
+            raise DiaBloError(_explain_load_failure(name, source, err)) from None
+    check_local_model(source, name, trust_remote_code=trust_remote_code)
+    return Path(source)
+
+
+def check_local_model(source: str | os.PathLike, name: str, *, trust_remote_code: bool) -> None:
+    """Before transformers reads a local model folder: its config.json must be readable JSON, a config that
+    needs the model's own code is refused unless trusted (one line naming trust_remote_code, where
+    transformers raises a ValueError), and every safetensors file must be whole (transformers does not say
+    which file is damaged). A hub id is left to transformers."""
+    folder = Path(source)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return
+    config = read_json_object(config_path, "model config")
+    if not trust_remote_code:
+        _refuse_custom_code(config, config_path, name)
+    check_safetensors(folder, DAMAGED_MODEL_ADVICE)
+
+
+def _refuse_custom_code(config: dict[str, Any], config_path: Path, name: str) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return  # transformers' own class is used, whatever auto_map says
+    code = sorted({str(entry).split(".")[0] + ".py" for entry in (config.get("auto_map") or {}).values()})
+    if code:
+        raise DiaBloError(
+            f"base model {name} needs its own modelling code ({', '.join(code)}, named by auto_map in {config_path}); "
+            f"{TRUST_ADVICE}"
+        )
+    if model_type is not None:
+        import transformers
+
+        raise DiaBloError(
+            f"{config_path}: model_type {model_type!r} is not one transformers {transformers.__version__} knows, and "
+            "no auto_map names the model's own code; upgrade transformers or correct model_type"
+        )
 
 
 def compute_device() -> str:
@@ -339,6 +383,7 @@ def load_model_folder(folder: Path, dtype: torch.dtype | None, *, trust_remote_c
     mode; ``dtype`` None keeps the checkpoint's."""
     from transformers import AutoConfig
 
+    check_local_model(folder, str(folder), trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = model_class_for(config).from_pretrained(
         folder, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=trust_remote_code
@@ -378,7 +423,7 @@ def _explain_load_failure(name: str, source: str, err: Exception) -> str:
     if "safetensors" in text.lower() and "bin" in text.lower():
         return f"base model {name}: no safetensors weights found; diablo-cli loads only safetensors (never pickles)"
     if "trust_remote_code" in text:
-        return f"base model {name} needs custom code; set model.trust_remote_code: true in the recipe if you trust it"
+        return f"base model {name} needs its own modelling code; {TRUST_ADVICE}"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if not Path(source).exists():
         reason = (

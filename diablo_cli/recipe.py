@@ -30,12 +30,13 @@ from .adapter.config import DiaBloConfig, canonical_dtype
 from .data.config import DataConfig, DatasetSource
 from .divergence import DivergenceRule
 from .errors import DiaBloError
+from .reading import read_text
 
 BUNDLED_SCHEME = "bundled://"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 _BNB_4BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype")
@@ -187,22 +188,25 @@ class DivergenceSection(_Section):
 
 
 class TrainingSection(_Section):
-    epochs: float = Field(1.0, gt=0)
+    """Bounds catch nonsense before any work starts (a learning rate of 1e12 once trained to exit 0): each is
+    wide enough for every sane run, and the error names the key and its valid range."""
+
+    epochs: float = Field(1.0, gt=0, le=1000)
     max_steps: int | None = Field(None, ge=1)
     micro_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
     optimizer: str = "adamw_torch"
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    adam_epsilon: float = Field(1e-8, gt=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
@@ -324,8 +328,9 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DiaBloError(f"recipe {path} does not exist")
+    text = read_text(path, "recipe")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -377,6 +382,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     key_path, sep, text = override.partition("=")
     if not sep or not key_path.strip():
         raise DiaBloError(f"--set {override!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
+    if _undecodable(override):
+        raise DiaBloError(f"--set {key_path.strip()!r}: the value holds bytes that are not UTF-8; type it as UTF-8")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -397,6 +404,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if last == "type" and _changes_type(node, {"type": value}):
             node.clear()  # as in deep_merge: another type starts from its own defaults
         node[last] = value
+
+
+def _undecodable(argument: str) -> bool:
+    """Python hands command-line bytes that are not UTF-8 over as lone surrogates, which no file can hold."""
+    try:
+        argument.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _list_index(node: list, key: str, keys: list[str], override: str) -> int:
@@ -449,6 +465,10 @@ def _explain(err: ValidationError) -> str:
         return f"{key}: unknown key{kind}{_did_you_mean(location[-1], valid)}; valid keys here: {', '.join(valid)}"
     if first["type"] == "missing":
         return f"{key}: required but missing"
+    if first["type"] in _RANGE_ERRORS:
+        bounds = _valid_range(location, adapter_type) or first["msg"]
+        finite = "a finite number " if first["type"] == "finite_number" else ""
+        return f"{key}: {first.get('input')} is out of range; valid: {finite}{bounds}"
     given = first.get("input")
     shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
     message = first["msg"].removeprefix("Value error, ")
@@ -467,6 +487,30 @@ def _valid_keys(location: list[str], adapter_type: str | None = None) -> list[st
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
+_BOUND_WORDS = {"gt": "above {}", "ge": "at least {}", "lt": "below {}", "le": "at most {}"}
+
+
+def _valid_range(location: list[str], adapter_type: str | None) -> str | None:
+    """A numeric key's bounds in words (``above 0 and at most 1``), read from the schema itself."""
+    model: Any = Recipe
+    field = None
+    for part in location:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = _ADAPTER_MODELS[adapter_type] if part == "adapter" and adapter_type else _model_in(field.annotation)
+    words = [
+        template.format(getattr(bound, name))
+        for bound in (field.metadata if field is not None else [])
+        for name, template in _BOUND_WORDS.items()
+        if getattr(bound, name, None) is not None
+    ]
+    return " and ".join(words) if words else None
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

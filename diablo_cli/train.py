@@ -862,12 +862,20 @@ def show_plan(recipe: Recipe, console: Console):
     from transformers import AutoConfig, AutoTokenizer
 
     from .memory import estimate_training_memory, packed_weight_bits, packed_weights_bytes
-    from .models import base_dtype, compute_device, describe_quantization, resolve_model, skeleton_model
+    from .models import (
+        base_dtype,
+        check_local_model,
+        compute_device,
+        describe_quantization,
+        resolve_model,
+        skeleton_model,
+    )
     from .precision import choose_dtype
     from .quantize.pipeline import quantized_layer_names
 
     console.print(Syntax(recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
     source = resolve_model(recipe.base_model)
+    check_local_model(source, recipe.base_model, trust_remote_code=recipe.model.trust_remote_code)
     kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(source, revision=recipe.model.revision, **kwargs)

@@ -46,7 +46,7 @@ def test_recipe_adapter_type_picks_the_section_and_names_wrong_keys(tmp_path):
         DiaBloError, match=r"adapter.blocks: unknown key for adapter type lora; valid keys here: type, r"
     ):
         load_recipe(TINY, ["adapter.type=lora", "adapter.blocks=8"])
-    with pytest.raises(DiaBloError, match=r"adapter.r: Input should be greater than or equal to 1"):
+    with pytest.raises(DiaBloError, match=r"adapter.r: 0 is out of range; valid: at least 1"):
         load_recipe(TINY, ["adapter.type=lora", "adapter.r=0"])
     # extends: a child that changes the type replaces the parent's section instead of merging DiaBlo keys into it
     child = tmp_path / "lora.yaml"

@@ -286,7 +286,7 @@ def test_training_refuses_unknown_quantization_and_untrainable_kernels():
         ({"method": "bnb-4bit", "bits": 4}, "bits checks a GPTQ checkpoint and applies to method gptq only"),
         ({"method": "bnb4"}, "model.quantization.method: Input should be 'none', 'bnb-4bit', 'bnb-8bit' or 'gptq'"),
         ({"method": "bnb-4bit", "quant_typ": "nf4"}, "quant_typ: unknown key; did you mean 'quant_type'?"),
-        ({"method": "gptq", "bits": 1}, "model.quantization.bits: Input should be greater than or equal to 2"),
+        ({"method": "gptq", "bits": 1}, "model.quantization.bits: 1 is out of range; valid: at least 2 and at most 8"),
     ],
 )
 def test_recipe_quantization_errors_are_one_line(quantization, message):

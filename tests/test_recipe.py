@@ -52,7 +52,7 @@ def test_wrong_types_and_impossible_values(tmp_path):
     assert "training.learning_rate: Input should be a valid number" in load_error(
         tmp_path, {**MINIMAL, "training": {"learning_rate": "fast"}}
     )
-    assert "training.micro_batch_size: Input should be greater than or equal to 1 (got 0)" in load_error(
+    assert "training.micro_batch_size: 0 is out of range; valid: at least 1" in load_error(
         tmp_path, {**MINIMAL, "training": {"micro_batch_size": 0}}
     )
     assert "training.lr_scheduler: Input should be 'linear', 'cosine' or 'constant'" in load_error(
@@ -70,7 +70,7 @@ def test_wrong_types_and_impossible_values(tmp_path):
 def test_adapter_errors_come_from_diablo_config(tmp_path):
     message = load_error(tmp_path, {**MINIMAL, "adapter": {"target_modules": "QQ("}})
     assert "adapter" in message and "is neither module letters" in message
-    assert "adapter.blocks: Input should be greater than or equal to 1" in load_error(
+    assert "adapter.blocks: 0 is out of range; valid: at least 1" in load_error(
         tmp_path, {**MINIMAL, "adapter": {"blocks": 0}}
     )
 

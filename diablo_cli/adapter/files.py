@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import AdapterMismatchError, DiaBloError
+from ..reading import open_safetensors, read_json
 from .config import ADAPTER_DTYPES, DiaBloConfig, canonical_dtype
 from .layer import ADAPTER_PARAMETER, BlockLayout, linear_features
 from .model import CONFIG_ATTRIBUTE, adapted_layers, bare_name, wrap_targets
@@ -30,6 +30,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_NAME = "diablo-adapter"
 FORMAT_VERSION = 1
+DAMAGED_ADAPTER_ADVICE = "copy the adapter folder again from where it was saved, or train it again"
 
 
 def save_adapter(
@@ -111,10 +112,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         )
     if not (directory / WEIGHTS_FILE).is_file():
         raise DiaBloError(f"{directory} has no {WEIGHTS_FILE} (only safetensors adapter weights are loaded)")
-    try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DiaBloError(f"{config_path} is not valid JSON: {err}") from None
+    document = read_json(config_path, "adapter config")
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise DiaBloError(f'{config_path} is not a DiaBlo adapter config (expected "format": "{FORMAT_NAME}")')
     version = document.get("format_version")
@@ -145,7 +143,7 @@ def load_adapter(
     if adapted_layers(base_model):
         raise DiaBloError("this model already has DiaBlo adapters; load into a fresh base")
     targets = check_against_base(base_model, document, directory)
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+    with open_safetensors(directory / WEIGHTS_FILE, DAMAGED_ADAPTER_ADVICE) as weights:
         if (weights.metadata() or {}).get("adapter_id") != document.get("adapter_id"):
             raise DiaBloError(
                 f"{directory}: {WEIGHTS_FILE} and {CONFIG_FILE} come from different saves (adapter_id differs); "

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import DiaBloError
+from ..errors import AdapterSettingError, DiaBloError
 from .config import DiaBloConfig, is_letter_spec
-from .layer import DiaBloLinear, linear_features
+from .layer import BlockLayout, DiaBloLinear, linear_features
 
 _LETTER_RULES: tuple[tuple[str, str], ...] = (
     # Llama, Mistral, Qwen2, Gemma, OPT, BART, BERT-style, T5 (SelfAttention/EncDecAttention.q/k/v/o).
@@ -39,6 +39,10 @@ _LETTER_RULES: tuple[tuple[str, str], ...] = (
 _COMPILED_RULES = tuple((re.compile(rf"(?:^|\.)(?:{pattern})$"), letters) for pattern, letters in _LETTER_RULES)
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 _OUTPUT_HEADS = ("lm_head", "embed_out", "output", "classifier", "score", "qa_outputs")
+MAX_PADDING_SHARE = 0.5
+"""The largest share of a layer's block parameters that may be zero padding (never trained). Up to a layer's
+smaller side a block count pads less than this in almost every shape; beyond it most blocks are dead, so the
+count is refused rather than trained with a warning."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,58 @@ def select_targets(model: nn.Module, config: DiaBloConfig) -> list[Target]:
         )
     targets = [Target(name, in_f, out_f, blocks_for(name, config)) for name, (in_f, out_f) in matches]
     _check_overrides_used(config, targets)
+    check_block_counts(targets, config)
     return targets
+
+
+def check_block_counts(targets: list[Target], config: DiaBloConfig) -> None:
+    """Refuse a block count no layer can hold: more blocks than a layer's smaller side, or more than
+    ``MAX_PADDING_SHARE`` of its block parameters padding. The error names the setting, the layer and the
+    valid range for the layers that setting covers."""
+    shapes: dict[str, set[tuple[int, int]]] = {}
+    for target in targets:
+        shapes.setdefault(block_setting(target.name, config), set()).add((target.in_features, target.out_features))
+    checked: set[tuple[int, int, int]] = set()  # a 70B model repeats a handful of shapes hundreds of times
+    for target in targets:
+        layout = BlockLayout(target.in_features, target.out_features, target.blocks)
+        if (layout.in_features, layout.out_features, layout.blocks) in checked:
+            continue
+        checked.add((layout.in_features, layout.out_features, layout.blocks))
+        side = min(target.in_features, target.out_features)
+        share = padding_share(layout)
+        if target.blocks <= side and share <= MAX_PADDING_SHARE:
+            continue
+        key = block_setting(target.name, config)
+        limit = min(largest_block_count(*shape) for shape in shapes[key])
+        kind = target.name.rsplit(".", 1)[-1]
+        problem = (
+            f"exceeds {kind}'s smaller side ({side}; the layer is {target.in_features}×{target.out_features})"
+            if target.blocks > side
+            else f"makes {share:.0%} of {kind}'s block parameters padding (at most {MAX_PADDING_SHARE:.0%} is allowed)"
+        )
+        raise AdapterSettingError(
+            f"{key}: {target.blocks} {problem}; valid for this model: 1–{limit} (at most "
+            f"{MAX_PADDING_SHARE:.0%} padding); a count that divides every adapted side pads nothing"
+        )
+
+
+def padding_share(layout: BlockLayout) -> float:
+    """The share of a layout's block parameters that only ever see zero padding."""
+    return layout.dead_parameters / layout.parameters
+
+
+def largest_block_count(in_features: int, out_features: int) -> int:
+    """The most blocks a layer holds within its smaller side and the padding limit."""
+    blocks = min(in_features, out_features)
+    while blocks > 1 and padding_share(BlockLayout(in_features, out_features, blocks)) > MAX_PADDING_SHARE:
+        blocks -= 1
+    return blocks
+
+
+def block_setting(name: str, config: DiaBloConfig) -> str:
+    """The setting that gives one layer its block count, as messages name it: ``blocks`` or an override."""
+    key = next((key for key in config.blocks_by_module if _override_applies(name, key)), None)
+    return "blocks" if key is None else f"blocks_by_module[{key!r}]"
 
 
 def describe_modules(names: Iterator[str] | list[str]) -> str:

@@ -7,7 +7,6 @@ Every failure is one line that names the dataset and says what to do, because th
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 import datasets
 
 from ..errors import DiaBloError
+from ..reading import read_json, read_json_lines, read_text
 from .config import DatasetSource
 from .formats import OPTIONAL_FIELDS, field_columns, format_of
 from .presets import resolve_source
@@ -110,6 +110,8 @@ def _load_file(path: Path, split: str, label: str) -> datasets.Dataset:
         )
     if builder == "json":
         return _guarded(lambda: _read_json_split(path, split), label)
+    if builder == "csv" and not read_text(path, "dataset file").strip():
+        raise DiaBloError(f"dataset file {path} is empty; a CSV file needs a header row and one row per example")
     return _guarded(lambda: datasets.load_dataset(builder, data_files=str(path), split=split), label)
 
 
@@ -125,11 +127,10 @@ def _load_folder(path: Path, split: str, label: str) -> datasets.Dataset:
 def _read_json_split(path: Path, split: str) -> datasets.Dataset:
     """JSON / JSON Lines records as they are written. Read through Python's json, not pyarrow's reader,
     which turns strings that look like dates ("2021-03-05") into timestamps and so changes the data."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = read_json_lines(path, "dataset file")
     else:
-        records = json.loads(text)
+        records = read_json(path, "dataset file")
         if isinstance(records, dict) and len(records) == 1 and isinstance(next(iter(records.values())), list):
             records = next(iter(records.values()))  # {"data": [...]}
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):

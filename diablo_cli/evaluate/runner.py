@@ -20,6 +20,7 @@ import yaml
 
 from ..data.config import DatasetSource
 from ..errors import DiaBloError
+from ..reading import read_text
 from ..run_folder import RECIPE_FILE
 from . import tasks as builtin
 from .generation import GREEDY, Sampling, generate_samples
@@ -101,9 +102,11 @@ def read_saved_recipe(adapter_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.safe_load(read_text(path, "saved recipe"))
     except yaml.YAMLError as err:
-        raise DiaBloError(f"{path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise DiaBloError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     return document if isinstance(document, dict) else None
 
 
@@ -162,11 +165,12 @@ def load_items(spec: TaskSpec, limit: int | None) -> list[Item]:
 def _prompt_lines(path: Path) -> list[str]:
     """Prompts from a text file (one a line) or a headerless CSV (HEx-PHI's category files: first column)."""
     import csv
+    import io
 
+    text = read_text(path, "prompt file")
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [row[0].strip() for row in csv.reader(io.StringIO(text, newline="")) if row and row[0].strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def prompt_ids(item: Item, template: str, tokenizer) -> list[int]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import DiaBloError
+from ..reading import read_text
 
 PYTHON_DOCS = "python-docs"
 DEFAULT_CALIBRATION = PYTHON_DOCS
@@ -51,7 +52,7 @@ def calibration_texts(name: str, tokenizer: Any) -> list[str]:
     if path.suffix == ".txt":
         if not path.is_file():
             raise DiaBloError(f"--calibration {name}: no such file")
-        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        paragraphs = [p.strip() for p in read_text(path, "--calibration file").split("\n\n")]
         return [p for p in paragraphs if p]
     return _dataset_texts(name, tokenizer)
 

@@ -26,6 +26,7 @@ from ..atomic import read_json, write_text_atomic
 from ..errors import DiaBloError
 from ..models import require_extra
 from ..precision import AUTO, choose_dtype, short_name
+from ..reading import read_json_object
 from ..run_folder import QUANTIZE, ModelOutput, check_model_output
 from .calibration import DEFAULT_CALIBRATION, build_calibration, check_windows, perplexity
 from .dequantize import dequantized_weights
@@ -120,7 +121,7 @@ def quantize_model(
     output = Path(output)
     _check_options(method, bits, group_size, bnb_quant_type, bnb_compute_dtype, magr_iterations, samples, seq_len)
     check_model_output(output, command=QUANTIZE, overwrite=overwrite)
-    base_dir = local_model_folder(base, revision=revision)
+    base_dir = local_model_folder(base, revision=revision, trust_remote_code=trust_remote_code)
     report = QuantizeReport(
         base=base,
         output=str(output),
@@ -353,7 +354,7 @@ def _load_full_precision(base_dir: Path, trust_remote_code: bool) -> nn.Module:
     """The base in fp32 on CPU (MagR and the statistics want full precision), in its own dtype on a GPU."""
     from ..models import base_quantization, load_model_folder
 
-    if base_quantization(read_json(base_dir / "config.json")) is not None:
+    if base_quantization(read_json_object(base_dir / "config.json", "model config")) is not None:
         raise DiaBloError(f"{base_dir} is already quantized; diablo quantize needs a full-precision base")
     dtype = None if torch.cuda.is_available() else torch.float32
     return load_model_folder(base_dir, dtype, trust_remote_code=trust_remote_code)

@@ -35,6 +35,7 @@ from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv
 from .adapter.model import tied_parameter_names
 from .atomic import check_model_output_dir, move_into_place, read_json
 from .errors import DiaBloError
+from .interrupts import signals_held
 from .methods import (
     attach_saved_adapter,
     is_adapter_parameter,
@@ -148,7 +149,7 @@ def merge_adapter(
     base_name = base or recorded_base(adapter_dir)
     if not base_name:
         raise DiaBloError(f"{adapter_dir}: the adapter does not record its base model; pass --base")
-    output_dir = Path(output_dir) if output_dir is not None else adapter_dir.with_name(adapter_dir.name + "-merged")
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(adapter_dir)
     _check_output_dir(output_dir, adapter_dir, overwrite=overwrite)
     shard_limit = parse_shard_size(max_shard_size)
     if dtype is not None and dtype not in TORCH_DTYPES:
@@ -193,10 +194,17 @@ def merge_adapter(
         report.seconds = time.perf_counter() - started
         report.peak_rss_bytes = peak_rss_bytes()
         write_model_card(staging, report, adapter_dir, document)
-        move_into_place(staging, output_dir)
+        with signals_held():  # two renames: the old model or the new one, never neither
+            move_into_place(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def default_output_dir(adapter_dir: str | os.PathLike) -> Path:
+    """Where ``diablo merge`` writes when not told: ``ADAPTER-merged`` beside the adapter."""
+    adapter_dir = Path(adapter_dir)
+    return adapter_dir.with_name(adapter_dir.name + "-merged")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..atomic import check_model_output_dir, move_into_place, read_json, write_text_atomic
 from ..errors import DiaBloError
+from ..interrupts import signals_held
 from ..models import require_extra
 from .calibration import DEFAULT_CALIBRATION, build_calibration, check_windows, perplexity
 from .dequantize import dequantized_weights
@@ -230,7 +231,8 @@ def quantize_model(
         report.size_before_bytes = _weights_bytes(base_dir)
         report.size_after_bytes = _weights_bytes(staging)
         write_text_atomic(staging / REPORT_FILE, json.dumps(asdict(report), indent=2) + "\n")
-        move_into_place(staging, output)
+        with signals_held():  # two renames: the old model or the new one, never neither
+            move_into_place(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)

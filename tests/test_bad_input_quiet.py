@@ -256,7 +256,7 @@ SIGNAL_CASES = [
     Case(
         "quantize-start-up-sigterm",
         no_files(*QUANTIZE),
-        ("interrupted:", "before writing anything"),
+        ("interrupted:", "quantize stopped", "nothing written to q"),
         code=143,
         run=interrupt_when(importing_torch, TERM),
     ),

@@ -65,14 +65,18 @@ def folder_exists(name: str) -> Ready:
     return lambda cwd, _stdout, _pid: (cwd / name).is_dir()
 
 
-def staging(prefix: str, inside: str | None = None) -> Ready:
-    """A hidden staging folder beside the output (and, for quantize, the child's log in it: the child runs)."""
+def staging(prefix: str) -> Ready:
+    """A hidden staging folder beside the output: the command is writing its model."""
 
     def ready(cwd: Path, _stdout: str, _pid: int) -> bool:
-        found = [p for p in cwd.iterdir() if p.name.startswith(prefix) and p.is_dir()]
-        return any(inside is None or (p / inside).exists() for p in found)
+        return any(p.name.startswith(prefix) and p.is_dir() for p in cwd.iterdir())
 
     return ready
+
+
+def quantizing_in_a_child(cwd: Path, stdout: str, pid: int) -> bool:
+    """quantize's staging folder exists and GPTQModel's child process runs."""
+    return staging(".q-quantizing-")(cwd, stdout, pid) and bool(_descendants(pid))
 
 
 def printed(text: str) -> Ready:
@@ -143,10 +147,12 @@ def interrupt_when(ready: Ready, sig: signal.Signals) -> Callable[[list[str], Pa
         started = _descendants(child.pid)
         child.send_signal(sig)
         code = child.wait(timeout=180)
+        left = sorted(pid for pid in started if _alive(pid))  # at once: an orphan may end by itself later
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left running after {sig.name}: {left}"
         for reader in readers:
             reader.join(timeout=10)
-        left = sorted(pid for pid in started if _alive(pid))
-        assert not left, f"processes left running after {sig.name}: {left}"
         return Outcome(code, "".join(out), "".join(err))
 
     return run
@@ -265,14 +271,14 @@ SIGNAL_CASES = [
         no_files(*QUANTIZE),
         ("interrupted:", "quantize stopped", "nothing written to q", "no staging folder left"),
         code=130,
-        run=interrupt_when(staging(".q-quantizing-", inside="quantize.log"), INT),
+        run=interrupt_when(quantizing_in_a_child, INT),
     ),
     Case(
         "quantize-child-running-sigterm",
         no_files(*QUANTIZE),
         ("interrupted:", "quantize stopped", "nothing written to q", "no staging folder left"),
         code=143,
-        run=interrupt_when(staging(".q-quantizing-", inside="quantize.log"), TERM),
+        run=interrupt_when(quantizing_in_a_child, TERM),
     ),
     Case(
         "eval-loading-sigint-keeps-old-scores",

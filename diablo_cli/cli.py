@@ -1,12 +1,17 @@
 """The ``diablo`` command: a thin Typer skin over the library's plain functions.
 
 Subcommands: train, eval, merge, quantize, inspect. Whatever they raise as a
-DiaBloError is printed as one line and exits with status 2, never as a traceback.
+DiaBloError is printed as one line and exits with status 2, never as a traceback. Ctrl-C and SIGTERM end
+every command the same way: one line saying what was kept and what was removed, exit 130 / 143. Third-party
+output goes to a log file while a command runs (quiet.py), so the terminal holds diablo's own lines.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -14,6 +19,8 @@ from rich.console import Console
 
 from ._version import __version__
 from .errors import DiaBloError, TrainingStopped
+from .interrupts import Interrupted, interrupts_raised, signals_held
+from .quiet import command_output
 
 app = typer.Typer(
     name="diablo",
@@ -27,6 +34,16 @@ error_console = Console(stderr=True)
 EXIT_USER_ERROR = 2
 
 
+@dataclass
+class Session:
+    """The global options, set by ``root`` before each command runs."""
+
+    verbose: bool = False
+
+
+session = Session()
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"diablo-cli {__version__}")
@@ -38,8 +55,15 @@ def root(
     version: bool = typer.Option(
         False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
     ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        help="Show third-party warnings, log lines and progress bars. By default they go to diablo.log in the "
+        "output folder (train, merge, quantize), else under ~/.cache/diablo-cli/logs/.",
+    ),
 ) -> None:
     """Fine-tune large language models with DiaBlo."""
+    session.verbose = verbose
 
 
 @app.command()
@@ -68,11 +92,7 @@ def train(
     ),
 ) -> None:
     """Fine-tune a base model with DiaBlo as a recipe says; the adapter goes to the output dir."""
-    from .launch import LAUNCHERS, launch_with_accelerate
-    from .models import check_local_model, resolve_model
-    from .recipe import load_recipe
-    from .train import dry_run as show_dry_run
-    from .train import train as run_training
+    from .launch import LAUNCHERS, accelerate_config_path, launch_with_accelerate
 
     if launcher not in LAUNCHERS:
         raise DiaBloError(f"--launcher {launcher!r}: one of {', '.join(LAUNCHERS)}")
@@ -83,22 +103,43 @@ def train(
         overrides.append(f"output.dir={output_dir}")
     if overwrite:
         overrides.append("output.overwrite=true")
-    loaded = load_recipe(recipe, overrides)  # checked here, before any process starts
-    check_local_model(
-        resolve_model(loaded.base_model), loaded.base_model, trust_remote_code=loaded.model.trust_remote_code
-    )
-    if dry_run:
-        show_dry_run(loaded)
-        return
-    if launcher == "accelerate":
+    if launcher == "accelerate" and not dry_run:  # not quiet here: each process runs `train` and keeps its own log
+        from .recipe import load_recipe
+
+        _check_base(load_recipe(recipe, overrides))  # checked here, before any process starts
         arguments = [str(recipe), *(f"--set={value}" for value in overrides)]
         arguments += ["--resume", resume] if resume is not None else []
-        from .launch import accelerate_config_path
-
         config_file = accelerate_config_path(accelerate_config) if accelerate_config is not None else None
         code = launch_with_accelerate(arguments, num_processes=num_processes, config_file=config_file)
         raise typer.Exit(code)
-    run_training(loaded, resume=resume)
+    with command_output("train", verbose=session.verbose) as output:
+        from .recipe import load_recipe
+        from .train import dry_run as show_dry_run
+        from .train import train as run_training
+
+        loaded = load_recipe(recipe, overrides)
+        _check_base(loaded)
+        console = Console(file=output.out)
+        if dry_run:
+            show_dry_run(loaded, console=console)
+            return
+        run_dir = Path(loaded.output.dir)
+        with _on_interrupt(_train_outcome(run_dir)):
+            try:
+                run_training(loaded, resume=resume, console=console)
+            except TrainingStopped:  # it stopped with a checkpoint: the run folder is this run's
+                output.keep_log_in(run_dir)
+                raise
+            output.keep_log_in(run_dir)
+
+
+def _check_base(loaded) -> None:
+    """A base's folder read before a run folder is claimed: a damaged or custom-code base fails with nothing made."""
+    from .models import check_local_model, resolve_model
+
+    check_local_model(
+        resolve_model(loaded.base_model), loaded.base_model, trust_remote_code=loaded.model.trust_remote_code
+    )
 
 
 @app.command()
@@ -120,27 +161,29 @@ def merge(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own modelling code."),
 ) -> None:
     """Fold an adapter into its base: a standalone Hugging Face model, verified, written shard by shard."""
-    from rich.console import Console
+    with command_output("merge", verbose=session.verbose) as log:
+        from .merge import default_output_dir, merge_adapter
+        from .report import merge_summary, task_progress
 
-    from .merge import merge_adapter
-    from .report import merge_summary, quiet_transformers, task_progress
-
-    console = Console()
-    with quiet_transformers(), task_progress(console, "merging") as advance:
-        report = merge_adapter(
-            adapter,
-            output,
-            base=base,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            verify=verify,
-            overwrite=overwrite,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            progress=advance,
-        )
-    for line in merge_summary(report):
-        console.print(line, highlight=False)
+        output = output or default_output_dir(adapter)
+        console = Console(file=log.out)
+        with _on_interrupt(_staged_output("merge", output)):
+            with task_progress(console, "merging") as advance:
+                report = merge_adapter(
+                    adapter,
+                    output,
+                    base=base,
+                    dtype=dtype,
+                    max_shard_size=max_shard_size,
+                    verify=verify,
+                    overwrite=overwrite,
+                    revision=revision,
+                    trust_remote_code=trust_remote_code,
+                    progress=advance,
+                )
+            log.keep_log_in(output)
+            for line in merge_summary(report):
+                console.print(line, highlight=False)
 
 
 @app.command("eval")
@@ -179,68 +222,73 @@ def eval_command(
     list_tasks: bool = typer.Option(False, "--list-tasks", help="List the built-in tasks and exit."),
 ) -> None:
     """Score the base, each adapter and each merged model on the paper's benchmarks, side by side."""
-    from rich.console import Console
-
-    console = Console()
     if list_tasks:
         from .evaluate.tasks import TASKS
 
+        console = Console()
         for task in TASKS.values():
             console.print(f"[bold]{task.name:<12}[/] {task.family:<12} {task.about}", highlight=False)
         console.print(f"[bold]{'loss':<12}[/] {'loss':<12} mean loss and perplexity on --data (any training format)")
         return
-    from .evaluate.compare import build_plan, run_evaluation
-    from .evaluate.generation import Sampling
-    from .evaluate.runner import EvalSettings, write_results
-    from .recipe import load_recipe
-    from .report import eval_table, quiet_transformers, row_progress
+    with command_output("eval", verbose=session.verbose) as log:
+        from .evaluate.compare import build_plan, run_evaluation
+        from .evaluate.generation import Sampling
+        from .evaluate.runner import EvalSettings, predictions_path, write_results
+        from .recipe import load_recipe
+        from .report import eval_table, row_progress
 
-    if template is not None and template not in ("alpaca", "chat", "plain"):
-        raise DiaBloError(f"--template {template!r}: valid templates are alpaca, chat, plain")
-    if scoring is not None and scoring not in ("generate", "loglik"):
-        raise DiaBloError(f"--scoring {scoring!r}: valid values are generate, loglik")
-    loaded = load_recipe(recipe) if recipe is not None else None
-    section = loaded.eval if loaded is not None else None
-    settings = EvalSettings(
-        batch_size=batch_size or (section.batch_size if section else 16),
-        limit=limit,
-        seed=seed if seed is not None else (section.seed if section else 0),
-        dtype=dtype,
-        allow_code_execution=allow_code_execution,
-        code_timeout=code_timeout,
-        refusal_classifier=refusal_classifier,
-        trust_remote_code=trust_remote_code or bool(loaded and loaded.model.trust_remote_code),
-        harness=[name.strip() for name in (harness or "").split(",") if name.strip()],
-        harness_include=harness_include,
-    )
-    plan = build_plan(
-        recipe=loaded,
-        base=base,
-        adapters=adapters,
-        models=models,
-        task_names=tasks,
-        data=data,
-        include_base=not no_base,
-        template=template,
-        scoring=scoring,
-        max_new_tokens=max_new_tokens,
-        stop=stop,
-        sampling=Sampling(temperature, top_p, num_samples, settings.seed),
-        settings=settings,
-    )
-    for note in plan.notes:
-        console.print(f"[dim]{note}[/]", highlight=False)
-    if any(spec.family == "code" for spec in plan.tasks) and allow_code_execution:
-        console.print(
-            "[yellow]--allow-code-execution: generated programs run in a sandboxed subprocess (time and memory "
-            "limits, no network, a temporary folder)[/]"
+        if template is not None and template not in ("alpaca", "chat", "plain"):
+            raise DiaBloError(f"--template {template!r}: valid templates are alpaca, chat, plain")
+        if scoring is not None and scoring not in ("generate", "loglik"):
+            raise DiaBloError(f"--scoring {scoring!r}: valid values are generate, loglik")
+        loaded = load_recipe(recipe) if recipe is not None else None
+        section = loaded.eval if loaded is not None else None
+        settings = EvalSettings(
+            batch_size=batch_size or (section.batch_size if section else 16),
+            limit=limit,
+            seed=seed if seed is not None else (section.seed if section else 0),
+            dtype=dtype,
+            allow_code_execution=allow_code_execution,
+            code_timeout=code_timeout,
+            refusal_classifier=refusal_classifier,
+            trust_remote_code=trust_remote_code or bool(loaded and loaded.model.trust_remote_code),
+            harness=[name.strip() for name in (harness or "").split(",") if name.strip()],
+            harness_include=harness_include,
         )
-    with quiet_transformers(), row_progress(console) as progress:
-        result = run_evaluation(plan, progress=progress, log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
-    console.print(eval_table(result.scores, result.templates))
-    if json_path is not None:
-        scores_file, predictions_file = write_results(result, json_path)
-        console.print(f"scores: {scores_file}; predictions: {predictions_file}", highlight=False)
+        plan = build_plan(
+            recipe=loaded,
+            base=base,
+            adapters=adapters,
+            models=models,
+            task_names=tasks,
+            data=data,
+            include_base=not no_base,
+            template=template,
+            scoring=scoring,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            sampling=Sampling(temperature, top_p, num_samples, settings.seed),
+            settings=settings,
+        )
+        results = [json_path, predictions_path(json_path)] if json_path is not None else []
+        with _on_interrupt(_eval_outcome(results)):
+            console = Console(file=log.out)
+            for note in plan.notes:
+                console.print(f"[dim]{note}[/]", highlight=False)
+            if any(spec.family == "code" for spec in plan.tasks) and allow_code_execution:
+                console.print(
+                    "[yellow]--allow-code-execution: generated programs run in a sandboxed subprocess (time and "
+                    "memory limits, no network, a temporary folder)[/]"
+                )
+            with row_progress(console) as progress:
+                result = run_evaluation(
+                    plan, progress=progress, log=lambda m: console.print(f"[dim]{m}[/]", highlight=False)
+                )
+            console.print(eval_table(result.scores, result.templates))
+            if json_path is not None:
+                with signals_held():  # the scores and their predictions, both or neither
+                    scores_file, predictions_file = write_results(result, json_path)
+                console.print(f"scores: {scores_file}; predictions: {predictions_file}", highlight=False)
 
 
 @app.command()
@@ -278,40 +326,40 @@ def quantize(
 ) -> None:
     """Quantize a base to fine-tune on: GPTQ (GPTQModel), round-to-nearest or bitsandbytes 4-bit, optionally
     after MagR; reports size, per-layer error and perplexity."""
-    from rich.console import Console
+    with command_output("quantize", verbose=session.verbose) as log, _on_interrupt(_staged_output("quantize", output)):
+        from .quantize.pipeline import quantize_model
+        from .report import quantize_summary, task_progress
 
-    from .quantize.pipeline import quantize_model
-    from .report import quantize_summary, quiet_transformers, task_progress
-
-    console = Console()
-    with quiet_transformers(), task_progress(console, "quantizing") as advance:
-        report = quantize_model(
-            base,
-            output,
-            method=method,
-            bits=bits,
-            group_size=group_size,
-            desc_act=desc_act,
-            sym=sym,
-            damp_percent=damp,
-            magr=magr,
-            magr_alpha=magr_alpha,
-            magr_iterations=magr_iterations,
-            calibration=calibration,
-            samples=samples,
-            seq_len=seq_len,
-            seed=seed,
-            evaluate=evaluate,
-            bnb_quant_type=bnb_quant_type,
-            bnb_double_quant=bnb_double_quant,
-            bnb_compute_dtype=bnb_compute_dtype,
-            overwrite=overwrite,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-            progress=advance,
-        )
-    for item in quantize_summary(report):
-        console.print(item, highlight=False)
+        console = Console(file=log.out)
+        with task_progress(console, "quantizing") as advance:
+            report = quantize_model(
+                base,
+                output,
+                method=method,
+                bits=bits,
+                group_size=group_size,
+                desc_act=desc_act,
+                sym=sym,
+                damp_percent=damp,
+                magr=magr,
+                magr_alpha=magr_alpha,
+                magr_iterations=magr_iterations,
+                calibration=calibration,
+                samples=samples,
+                seq_len=seq_len,
+                seed=seed,
+                evaluate=evaluate,
+                bnb_quant_type=bnb_quant_type,
+                bnb_double_quant=bnb_double_quant,
+                bnb_compute_dtype=bnb_compute_dtype,
+                overwrite=overwrite,
+                trust_remote_code=trust_remote_code,
+                revision=revision,
+                progress=advance,
+            )
+        log.keep_log_in(output)
+        for item in quantize_summary(report):
+            console.print(item, highlight=False)
 
 
 @app.command()
@@ -363,72 +411,72 @@ def inspect(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model's custom code."),
 ) -> None:
     """Choose N against a parameter budget, and see what a model, adapter or recipe holds (no weights loaded)."""
-    import json
-    from dataclasses import asdict
+    with command_output("inspect", verbose=session.verbose) as log:
+        import json
+        from dataclasses import asdict
 
-    from rich.console import Console
+        from . import inspection as insp
+        from .report import adapter_inspection_view, model_inspection_view, probe_table, spinner
+        from .scaling import parse_tokens
 
-    from . import inspection as insp
-    from .report import adapter_inspection_view, model_inspection_view, probe_table, quiet_transformers
-    from .scaling import parse_tokens
+        console = Console(file=log.out)
+        path = Path(target)
+        if path.suffix in (".yaml", ".yml"):
+            from .recipe import load_recipe
+            from .train import show_plan
 
-    console = Console()
-    path = Path(target)
-    if path.suffix in (".yaml", ".yml"):
-        from .recipe import load_recipe
-        from .train import show_plan
-
-        recipe = load_recipe(path)
-        if as_json:
-            typer.echo(json.dumps(recipe.model_dump(mode="json"), indent=2))
+            recipe = load_recipe(path)
+            if as_json:
+                typer.echo(json.dumps(recipe.model_dump(mode="json"), indent=2), file=log.out)
+            else:
+                show_plan(recipe, console)
+            return
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            result = insp.inspect_adapter(path)
+            view = adapter_inspection_view(result)
         else:
-            show_plan(recipe, console)
-        return
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        result = insp.inspect_adapter(path)
-        view = adapter_inspection_view(result)
-    else:
-        selection = {"targets": insp.parse_targets(targets), "layers": insp.parse_layers(layers)}
-        result = insp.inspect_model(
-            target,
-            **selection,
-            blocks=insp.parse_block_list(blocks),
-            budget=budget,
-            match_lora=match_lora,
-            per_module=per_module,
-            seq_len=seq_len,
-            batch=batch,
-            dtype=dtype,
-            quantization=quantization,
-            gradient_checkpointing=gradient_checkpointing,
-            gpus=gpus,
-            sharding=sharding,
-            gpu_tflops=gpu_tflops,
-            mfu=mfu,
-            interconnect_gbps=interconnect_gbps,
-            gpu_memory_gib=gpu_memory,
-            tokens=parse_tokens(tokens),
-            trust_remote_code=trust_remote_code,
-        )
-        view = model_inspection_view(result)
-        if probe is not None:
-            with quiet_transformers(), console.status(f"probing {target} on {probe} ({probe_batches} batches)"):
-                probed = insp.probe_theorem2(
-                    target,
-                    probe,
-                    **selection,
-                    batches=probe_batches,
-                    batch=batch,
-                    seq_len=seq_len,
-                    trust_remote_code=trust_remote_code,
-                )
-            result.probe = [asdict(p) for p in probed]
-            view.append(probe_table(probed, probe))
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    for item in view:
-        console.print(item)
+            selection = {"targets": insp.parse_targets(targets), "layers": insp.parse_layers(layers)}
+            result = insp.inspect_model(
+                target,
+                **selection,
+                blocks=insp.parse_block_list(blocks),
+                budget=budget,
+                match_lora=match_lora,
+                per_module=per_module,
+                seq_len=seq_len,
+                batch=batch,
+                dtype=dtype,
+                quantization=quantization,
+                gradient_checkpointing=gradient_checkpointing,
+                gpus=gpus,
+                sharding=sharding,
+                gpu_tflops=gpu_tflops,
+                mfu=mfu,
+                interconnect_gbps=interconnect_gbps,
+                gpu_memory_gib=gpu_memory,
+                tokens=parse_tokens(tokens),
+                trust_remote_code=trust_remote_code,
+            )
+            view = model_inspection_view(result)
+            if probe is not None:
+                probing = _on_interrupt(lambda: f"inspect stopped while probing {target}; it writes nothing")
+                with probing, spinner(console, f"probing {target} on {probe} ({probe_batches} batches)"):
+                    probed = insp.probe_theorem2(
+                        target,
+                        probe,
+                        **selection,
+                        batches=probe_batches,
+                        batch=batch,
+                        seq_len=seq_len,
+                        trust_remote_code=trust_remote_code,
+                    )
+                result.probe = [asdict(p) for p in probed]
+                view.append(probe_table(probed, probe))
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2), file=log.out)
+            return
+        for item in view:
+            console.print(item)
 
 
 def bare_resume_means_latest(argv: list[str]) -> list[str]:
@@ -446,26 +494,97 @@ def bare_resume_means_latest(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, turning user errors into one clear line."""
-    argv = bare_resume_means_latest(list(sys.argv[1:] if argv is None else argv))
-    _quiet_import_noise()
+    """Console-script entry point: run the app, turning user errors and interrupts into one clear line."""
+    with interrupts_raised():
+        argv = bare_resume_means_latest(list(sys.argv[1:] if argv is None else argv))
+        try:
+            app(args=argv, prog_name="diablo", standalone_mode=True)
+        except TrainingStopped as err:
+            error_console.print(f"[bold yellow]stopped:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(err.exit_code)
+        except DiaBloError as err:
+            error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_USER_ERROR)
+        except Interrupted as stop:
+            outcome = stop.outcome or "diablo stopped before writing anything"
+            error_console.print(f"[bold yellow]interrupted:[/] {outcome}", highlight=False, soft_wrap=True)
+            sys.exit(stop.exit_code)
+
+
+@contextmanager
+def _on_interrupt(outcome: Callable[[], str]) -> Iterator[None]:
+    """Fill in an interrupted command's line with what it kept and what it removed, worked out after the
+    command's own ``finally`` blocks ran (the innermost such block has the last word)."""
     try:
-        app(args=argv, prog_name="diablo", standalone_mode=True)
-    except TrainingStopped as err:
-        error_console.print(f"[bold yellow]stopped:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
-    except DiaBloError as err:
-        error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_USER_ERROR)
+        yield
+    except Interrupted as stop:
+        if stop.outcome is None:
+            stop.outcome = outcome()
+        raise
 
 
-NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
-"""torchao (which GPTQModel installs) warns about CUDA-only libraries on every model load on CPU, and torch's
-pytree about torchao's enums: lines that look like failures and are not."""
+def _staged_output(command: str, output: Path) -> Callable[[], str]:
+    """merge and quantize build their model in hidden folders beside ``output`` (``.NAME-merging-…``) and swap it
+    in with two renames, so after an interrupt ``output`` is the new model or as it was."""
+    before = _identity(output)
+    hidden = _hidden_siblings(output)
+
+    def outcome() -> str:
+        if _identity(output) != before:
+            return f"{command} had finished: {output} holds the new model"
+        left = sorted(_hidden_siblings(output) - hidden)
+        kept = f"nothing written to {output}" + ("; the model already there is untouched" if before else "")
+        cleaned = f"could not remove {', '.join(left)}" if left else "no staging folder left behind"
+        return f"{command} stopped; {kept} ({cleaned})"
+
+    return outcome
 
 
-def _quiet_import_noise() -> None:
-    import logging
+def _eval_outcome(results: list[Path]) -> Callable[[], str]:
+    """eval writes only at its end, the scores and their predictions together (``--json``)."""
+    before = [_identity(path) for path in results]
 
-    for name in NOISY_IMPORT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    def outcome() -> str:
+        written = [str(path) for path, was in zip(results, before, strict=True) if _identity(path) != was]
+        if written:
+            return f"eval stopped after writing {' and '.join(written)}"
+        previous = [str(path) for path, was in zip(results, before, strict=True) if was is not None]
+        return "eval stopped; no scores were written" + (f" ({', '.join(previous)} as before)" if previous else "")
+
+    return outcome
+
+
+def _train_outcome(run_dir: Path) -> Callable[[], str]:
+    """A signal in train's start-up or final saves (the loop itself checkpoints and stops: train.py). By the time
+    this speaks, ``RunFolder.discard`` has removed what a run without a checkpoint wrote (the folder too, if the
+    run made it); a folder with checkpoints is kept for --resume."""
+    from .run_folder import list_checkpoints
+
+    existed = run_dir.exists()
+
+    def outcome() -> str:
+        found = list_checkpoints(run_dir)
+        if found:
+            return f"train stopped; {run_dir} keeps {found[-1]}; continue with --resume"
+        if not run_dir.exists():
+            return f"train stopped before its first checkpoint; nothing was left in {run_dir}"
+        if existed:
+            return f"train stopped before its first checkpoint; removed what it wrote in {run_dir}, kept the rest"
+        return f"train stopped before its first checkpoint; {run_dir} keeps what it wrote there"
+
+    return outcome
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Inode, modification time and size: a rename into place or any rewrite changes it."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+def _hidden_siblings(output: Path) -> set[str]:
+    prefix = f".{output.name}-"
+    parent = output.parent
+    return {item.name for item in parent.iterdir() if item.name.startswith(prefix)} if parent.is_dir() else set()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import DiaBloError
+from .interrupts import Interrupted
 
 LAUNCHERS = ("none", "accelerate")
 
@@ -55,8 +56,9 @@ def launch_with_accelerate(train_arguments: list[str], *, num_processes: int | N
     while True:
         try:
             return process.wait()
-        except KeyboardInterrupt:  # every process got the same Ctrl-C: wait while they write their checkpoint
-            continue
+        except Interrupted as stop:  # wait while every process writes its checkpoint and stops
+            if stop.signal_name == "SIGTERM":  # a Ctrl-C reached them all already; a SIGTERM only this one
+                process.terminate()
 
 
 def accelerate_config_path(name: str | Path) -> Path:

@@ -150,7 +150,7 @@ def merge_adapter(
     base_name = base or recorded_base(adapter_dir)
     if not base_name:
         raise DiaBloError(f"{adapter_dir}: the adapter does not record its base model; pass --base")
-    output_dir = Path(output_dir) if output_dir is not None else adapter_dir.with_name(adapter_dir.name + "-merged")
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(adapter_dir)
     _check_output_dir(output_dir, adapter_dir, overwrite=overwrite)
     shard_limit = parse_shard_size(max_shard_size)
     if dtype is not None and dtype not in TORCH_DTYPES:
@@ -213,6 +213,12 @@ def merge_adapter(
     finally:
         output.close()
     return report
+
+
+def default_output_dir(adapter_dir: str | os.PathLike) -> Path:
+    """Where ``diablo merge`` writes when not told: ``ADAPTER-merged`` beside the adapter."""
+    adapter_dir = Path(adapter_dir)
+    return adapter_dir.with_name(adapter_dir.name + "-merged")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import ordinary_permissions
+from .cache import cache_dir
 from .errors import DiaBloError
 from .reading import check_safetensors, read_json_object
 
@@ -442,13 +443,6 @@ def _explain_load_failure(name: str, source: str, err: Exception) -> str:
             f"one of the aliases ({aliases}), or a reachable hub id"
         )
     return f"base model {name}: {text[:300]}"
-
-
-def cache_dir() -> Path:
-    """Where diablo-cli keeps converted models: $DIABLO_CACHE, else $XDG_CACHE_HOME/diablo-cli."""
-    if os.environ.get("DIABLO_CACHE"):
-        return Path(os.environ["DIABLO_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diablo-cli"
 
 
 def bundled_gguf_path() -> Path:

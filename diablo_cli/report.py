@@ -8,16 +8,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.live import Live
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.spinner import Spinner
 from rich.table import Table
+from rich.text import Text
 
 from .adapter import ParameterReport
 from .atomic import atomic_path
@@ -88,23 +93,79 @@ def plot_curves(curves: dict[str, tuple[list[tuple[int, float]], dict]], png_pat
 
 
 def training_progress(console: Console, total_steps: int, start: int = 0) -> tuple[Progress, TaskID]:
-    """Rich progress for the loop: step, loss, lr, tokens/s, memory and ETA."""
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss [cyan]{task.fields[loss]}"),
-        TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[speed]} tok/s"),
-        TextColumn("{task.fields[memory]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+    """Rich progress for the loop: step, loss, lr, tokens/s, memory and ETA, as many as the terminal's width
+    holds whole (see :class:`_FittingProgress`)."""
+    progress = _FittingProgress(console)
     task = progress.add_task("train", total=total_steps, completed=start, loss="—", lr="—", speed="—", memory="")
     return progress, task
+
+
+class _FittingProgress(Progress):
+    """The training bar at any width: the richest set of fields that fits whole, dropping the lowest-value ones
+    first (memory, elapsed time, lr, speed, the bar itself), so that the step count, loss and ETA are never cut
+    the way a squeezed Rich column is ("160/1…")."""
+
+    TIERS: tuple[tuple[str, ...], ...] = (
+        ("label", "bar", "steps", "loss", "lr", "speed", "memory", "elapsed", "eta"),
+        ("label", "bar", "steps", "loss", "lr", "speed", "eta"),
+        ("label", "bar", "steps", "loss", "speed", "eta"),
+        ("label", "bar", "steps", "loss", "eta"),
+        ("label", "steps", "loss", "eta"),
+        ("steps", "loss", "eta"),
+    )
+    SHORTEST_BAR = 10
+    LONGEST_BAR = 40
+
+    def __init__(self, console: Console) -> None:
+        self.terminal = console  # Progress asks for renderables before it has a console of its own
+        self.bar = BarColumn()
+        self.fields: dict[str, ProgressColumn] = {
+            "label": TextColumn("[bold]train"),
+            "bar": self.bar,
+            "steps": MofNCompleteColumn(),
+            "loss": TextColumn("loss [cyan]{task.fields[loss]}"),
+            "lr": TextColumn("lr {task.fields[lr]}"),
+            "speed": TextColumn("{task.fields[speed]} tok/s"),
+            "memory": TextColumn("{task.fields[memory]}"),
+            "elapsed": TimeElapsedColumn(),
+            "eta": _EtaColumn(),
+        }
+        # No stdout/stderr redirection: third-party output goes to diablo's log (quiet.py), not around the bar.
+        super().__init__(console=console, transient=False, redirect_stdout=False, redirect_stderr=False)
+
+    def get_renderables(self):
+        width = self.terminal.width
+        for shown in self.TIERS:
+            text = [name for name in shown if name != "bar"]
+            room = width - self._cells(text) - (len(shown) - 1)  # one space between columns
+            if room >= (self.SHORTEST_BAR if "bar" in shown else 0):
+                break  # else the last tier, cut as it must be
+        self.bar.bar_width = min(room, self.LONGEST_BAR)
+        self.columns = tuple(self.fields[name] for name in shown)
+        yield self.make_tasks_table(self.tasks)
+
+    def _cells(self, names: list[str]) -> int:
+        """The widest any task renders these fields, in terminal cells."""
+        options = self.terminal.options
+        return max(
+            (
+                sum(Measurement.get(self.terminal, options, self.fields[name](task)).maximum for name in names)
+                for task in self.tasks
+            ),
+            default=0,
+        )
+
+
+class _EtaColumn(TimeRemainingColumn):
+    def render(self, task) -> Text:
+        return Text.assemble("ETA ", super().render(task))
+
+
+@contextmanager
+def spinner(console: Console, text: str) -> Iterator[None]:
+    """``console.status`` without its stdout/stderr redirection (third-party output belongs in the log)."""
+    with Live(Spinner("dots", text), console=console, transient=True, redirect_stdout=False, redirect_stderr=False):
+        yield
 
 
 def _phase_bars(console: Console, label: str) -> Progress:
@@ -117,6 +178,8 @@ def _phase_bars(console: Console, label: str) -> Progress:
         TimeElapsedColumn(),
         console=console,
         transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
     )
 
 
@@ -147,26 +210,6 @@ def row_progress(console: Console) -> Iterator[Callable[[str], Callable[[str, in
 
     with progress:
         yield for_row
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' and datasets' own progress bars while ours runs (bars fighting over a line help
-    no one)."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    datasets_enabled = datasets.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-        if datasets_enabled:
-            datasets.enable_progress_bars()
 
 
 def merge_summary(report: MergeReport) -> list[str]:

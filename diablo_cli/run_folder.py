@@ -26,6 +26,7 @@ from pathlib import Path
 from ._version import __version__
 from .atomic import move_into_place, write_text_atomic
 from .errors import DiaBloError
+from .interrupts import signals_held
 
 MARKER_FILE = ".diablo-folder.json"
 LOCK_FILE = ".diablo-lock"
@@ -359,7 +360,8 @@ class ModelOutput:
         marker = read_marker(staging) or Marker(self.command)
         marker.entries = sorted(p.name for p in staging.iterdir() if p.name != MARKER_FILE)
         marker.write(staging)
-        move_into_place(staging, self.output_dir)
+        with signals_held():  # two renames: the old model or the new one, never neither
+            move_into_place(staging, self.output_dir)
 
     def close(self) -> None:
         for path in self._stagings:

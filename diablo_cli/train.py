@@ -48,12 +48,13 @@ from .distributed import (
 )
 from .divergence import CheckpointHealth, Strike, Watchdog
 from .errors import DiaBloError, TrainingStopped
+from .interrupts import Interrupted
 from .methods import TrainingMethod, training_method
 from .models import base_quantization, load_base_model
 from .precision import DtypeChoice
 from .quantize.trainable import prepare_quantized_training
 from .recipe import Recipe
-from .report import plot_loss_curve, training_progress
+from .report import plot_loss_curve, spinner, training_progress
 from .run_folder import (
     LOSS_PLOT,
     METRICS_FILE,
@@ -171,12 +172,9 @@ def _train_in_folder(
     if checkpoint is not None:  # the weights go in before accelerate shards them; the optimizer's state after
         method.restore(model, checkpoint)
 
-    import datasets
-
     from .data import DataCollator, prepare_data
 
-    datasets.disable_progress_bars()  # our own status line says what is happening
-    with console.status("preparing data") if main else nullcontext():
+    with spinner(console, "preparing data") if main else nullcontext():
         data = prepare_data(recipe.data, tokenizer, seed=training.seed)
     if main:
         _print_data_stats(console, data.stats, recipe)
@@ -737,7 +735,7 @@ def run_eval_tasks(recipe: Recipe, model, tokenizer, console: Console, *, label:
     result = EvalResult()
     scores: dict[str, float] = {}
     for spec in specs:
-        with console.status(f"evaluating {label} model on {spec.name}"):
+        with spinner(console, f"evaluating {label} model on {spec.name}"):
             row = evaluate_model(
                 model, tokenizer, [spec], label=label, template=template, settings=settings, result=result
             )
@@ -755,13 +753,14 @@ def run_eval_tasks(recipe: Recipe, model, tokenizer, console: Console, *, label:
 
 @contextmanager
 def _stop_on_signals():
-    """Ctrl-C / SIGTERM ask the loop to checkpoint and stop after the current step; a second Ctrl-C aborts."""
+    """Ctrl-C / SIGTERM ask the loop to checkpoint and stop after the current step; a second Ctrl-C aborts at
+    once. Outside the loop a signal raises Interrupted (cli.py), like in every other command."""
     flag: dict[str, str] = {}
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
         if flag.get("signal") and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Interrupted("SIGINT")
         flag["signal"] = name
 
     previous = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,13 +92,19 @@ def run_gptq(
                 cwd=scratch,  # GPTQModel writes a logs/ folder into its working directory
                 env=env,
                 pass_fds=(write_fd,),
+                start_new_session=True,  # its own process group: an interrupt stops it and all it started
             )
             os.close(write_fd)
-            with os.fdopen(read_fd, encoding="utf-8") as events:
-                for line in events:
-                    done = json.loads(line).get("layers_done", 0)
-                    progress(label, done, layers)
-            code = child.wait()
+            try:
+                with os.fdopen(read_fd, encoding="utf-8") as events:
+                    for line in events:
+                        done = json.loads(line).get("layers_done", 0)
+                        progress(label, done, layers)
+                code = child.wait()
+            except BaseException:  # an interrupt: the child writes into a folder that is about to be removed
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                raise
     if code != 0:
         kept = ""
         if failure_log is not None:

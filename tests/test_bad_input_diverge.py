@@ -53,10 +53,14 @@ def recipe_with(divergence: object = None, *settings: str) -> Callable[[Path], l
 
 NAN = float("nan")
 CASES = [
-    Case("patience-zero", recipe_with({"patience": 0}), ("training.divergence.patience", "greater than or equal to 1")),
+    Case("patience-zero", recipe_with({"patience": 0}), ("training.divergence.patience", "valid: at least 1")),
     Case("misspelt-key", recipe_with({"lossfactor": 5}), ("training.divergence.lossfactor", "'loss_factor'")),
     Case("unknown-action", recipe_with({"action": "undo"}), ("training.divergence.action", "'rollback'")),
-    Case("lr-factor-above-one", recipe_with({"lr_factor": 1.5}), ("training.divergence.lr_factor", "less than 1")),
+    Case(
+        "lr-factor-above-one",
+        recipe_with({"lr_factor": 1.5}),
+        ("training.divergence.lr_factor", "valid: above 0 and below 1"),
+    ),
     Case("loss-factor-one", recipe_with(None, "training.divergence.loss_factor=1"), "training.divergence.loss_factor"),
     Case("not-a-section", recipe_with("loose"), ("training.divergence", "valid dictionary")),
     Case("max-rollbacks-zero", recipe_with({"action": "rollback", "max_rollbacks": 0}), "max_rollbacks"),

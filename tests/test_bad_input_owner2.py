@@ -79,11 +79,12 @@ def setup(*steps: Callable[[Path], object], argv: list[str]) -> Callable[[Path],
     return build
 
 
-def failing(error: Callable[[str], BaseException]):
-    """A writer that fails with ``error(path)`` instead of writing: what a full or read-only disk does."""
+def failing(error: Callable[[str], BaseException], *, path_at: int = 1):
+    """A writer that fails with ``error(path)`` instead of writing (what a full or read-only disk does); the path
+    is its argument number ``path_at``."""
 
-    def writer(_content, path, *args, **kwargs):
-        raise error(str(path))
+    def writer(*args, **kwargs):
+        raise error(str(args[path_at]))
 
     return writer
 
@@ -132,7 +133,7 @@ FAULTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     ),
     "merge-blocked-publish-puts-the-previous-output-back": blocked_publish,
     "quantize-enospc-at-report-save": lambda mp: mp.setattr(
-        "diablo_cli.quantize.pipeline.write_text_atomic", failing(os_error(errno.ENOSPC))
+        "diablo_cli.quantize.pipeline.write_text_atomic", failing(os_error(errno.ENOSPC), path_at=0)
     ),
     "quantize-safetensors-error-no-space": lambda mp: mp.setattr(
         "diablo_cli.quantize.pipeline.save_file", failing(safetensors_no_space)
@@ -141,7 +142,7 @@ FAULTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
         "diablo_cli.quantize.pipeline._save_bnb_4bit", failing(os_error(errno.EROFS))
     ),
     "quantize-enospc-keeps-the-previous-output": lambda mp: mp.setattr(
-        "diablo_cli.quantize.pipeline.write_text_atomic", failing(os_error(errno.ENOSPC))
+        "diablo_cli.quantize.pipeline.write_text_atomic", failing(os_error(errno.ENOSPC), path_at=0)
     ),
 }
 
@@ -230,10 +231,11 @@ def test_merge_says_in_its_summary_what_it_cleaned_beside_the_output(tmp_path):
     (users / "notes.txt").write_text("mine\n")
     outcome = run_diablo(MERGE_ARGS, tmp_path)
     assert outcome.code == 0, outcome.stderr
-    lines = [" ".join(line.split()) for line in outcome.stdout.splitlines()]
-    said = [line for line in lines if line.startswith("removed what interrupted merges left beside m:")]
-    assert len(said) == 1 and ".m-merging-killed1" in said[0] and ".m-replaced-4242" in said[0], outcome.stdout
-    assert ".m-merging-notes" not in said[0] and (users / "notes.txt").read_text() == "mine\n"
+    said = " ".join(outcome.stdout.split())  # the terminal wraps long lines
+    assert said.startswith("removed what interrupted merges left beside m: "), outcome.stdout
+    cleaned = said.split(": ", 1)[1].split(" 6 of 6 adapted")[0]
+    assert sorted(cleaned.split(", ")) == [".m-merging-killed1", ".m-replaced-4242"], outcome.stdout
+    assert (users / "notes.txt").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m-merging-notes", "m", "run"]
     assert read_marker(tmp_path / "m").command == MERGE
 
@@ -259,8 +261,8 @@ def test_quantize_says_in_its_summary_what_it_cleaned_beside_the_output(tmp_path
     Marker(QUANTIZE).write(killed)
     outcome = run_diablo([*QUANTIZE_ARGS, "-o", "q"], tmp_path)
     assert outcome.code == 0, outcome.stderr
-    said = [" ".join(line.split()) for line in outcome.stdout.splitlines() if "removed what" in line]
-    assert said == ["removed what interrupted quantizations left beside q: .q-quantizing-killed1"], outcome.stdout
+    said = " ".join(outcome.stdout.split())  # the terminal wraps long lines
+    assert said.startswith("removed what interrupted quantizations left beside q: .q-quantizing-killed1 "), said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     assert read_quantize_report(tmp_path / "q").cleaned == [".q-quantizing-killed1"]
 

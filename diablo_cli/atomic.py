@@ -60,13 +60,19 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 def move_into_place(staging: Path, output_dir: Path) -> None:
     """Swap a finished folder in with renames: the old output survives until the new one is complete.
 
-    The staging folder was made private (mkdtemp); the output gets the permissions the umask gives."""
+    The staging folder was made private (mkdtemp); the output gets the permissions the umask gives. If the new
+    folder cannot be moved in, the old one is put back."""
     ordinary_permissions(staging)
     previous = None
     if output_dir.exists():
         previous = output_dir.with_name(f".{output_dir.name}-replaced-{os.getpid()}")
         output_dir.rename(previous)
-    staging.rename(output_dir)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        if previous is not None:
+            previous.rename(output_dir)
+        raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 

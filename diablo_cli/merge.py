@@ -121,6 +121,7 @@ class MergeReport:
     verification: Verification | None = None
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    cleaned: list[str] = field(default_factory=list)  # what interrupted merges left beside the output: removed
 
 
 def merge_adapter(
@@ -164,8 +165,7 @@ def merge_adapter(
 
     progress = progress or (lambda phase, done, total: None)
     output = ModelOutput(output_dir, command=MERGE, overwrite=overwrite)
-    if output.cleaned:
-        progress(f"removed what interrupted merges left: {', '.join(output.cleaned)}", 0, None)
+    report.cleaned = output.cleaned
     try:
         staging = output.staging("merging")
         if peft_config is not None:
@@ -210,6 +210,9 @@ def merge_adapter(
         report.peak_rss_bytes = peak_rss_bytes()
         write_model_card(staging, report, adapter_dir, document)
         output.publish(staging)
+    except Exception as err:
+        output.raise_disk_fault(err)
+        raise
     finally:
         output.close()
     return report

@@ -214,7 +214,7 @@ def row_progress(console: Console) -> Iterator[Callable[[str], Callable[[str, in
 
 def merge_summary(report: MergeReport) -> list[str]:
     """The lines ``diablo merge`` ends with: what changed, how it was verified, where it went, what it cost."""
-    lines = []
+    lines = [cleaned_line("merges", report.output_dir, report.cleaned)] if report.cleaned else []
     if report.dequantized:
         lines.append(
             f"[yellow]note:[/] the base is quantized ({report.dequantized}); the result is a full-precision model"
@@ -541,4 +541,10 @@ def quantize_summary(report: QuantizeReport) -> list[Any]:
             line += f"{report.perplexity_after:.3f} quantized"
         table.add_row(f"perplexity ({calibration['held_out_tokens']:,} held-out tokens)", line)
     table.add_row("time", ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in report.seconds.items()))
-    return [table, f"wrote {report.output}" + (f" (GPTQModel's log: {report.log})" if report.log else "")]
+    cleaned = [cleaned_line("quantizations", report.output, report.cleaned)] if report.cleaned else []
+    return [*cleaned, table, f"wrote {report.output}" + (f" (GPTQModel's log: {report.log})" if report.log else "")]
+
+
+def cleaned_line(runs: str, output: Path | str, names: list[str]) -> str:
+    """The lasting line for the leftovers of killed runs that a merge or quantization removed beside its output."""
+    return f"removed what interrupted {runs} left beside {output}: {', '.join(names)}"

@@ -336,16 +336,18 @@ class ModelOutput:
 
     def __init__(self, output_dir: Path, *, command: str, overwrite: bool, option: str = "--output") -> None:
         self.output_dir, self.command = output_dir, command
-        _make_folder(output_dir.parent, option)
-        self._lock = FolderLock.acquire(
-            output_dir.parent / f".{output_dir.name}{LOCK_FILE}", folder=output_dir, option=option
-        )
+        parent = output_dir.parent
+        self._created = next((p for p in reversed([parent, *parent.parents]) if not p.exists()), None)
         self._stagings: list[Path] = []
+        self._lock: FolderLock | None = None
+        self._published = False
         try:
+            _make_folder(parent, option)
+            self._lock = FolderLock.acquire(parent / f".{output_dir.name}{LOCK_FILE}", folder=output_dir, option=option)
             check_model_output(output_dir, command=command, overwrite=overwrite, option=option)
             self.cleaned = self._clean_leftovers()
         except BaseException:
-            self._lock.release()
+            self.close()
             raise
 
     def staging(self, purpose: str) -> Path:
@@ -362,11 +364,42 @@ class ModelOutput:
         marker.write(staging)
         with signals_held():  # two renames: the old model or the new one, never neither
             move_into_place(staging, self.output_dir)
+        self._published = True
+
+    def raise_disk_fault(self, err: BaseException) -> None:
+        """Turn a full disk or a blocked write into one line naming the output, what was kept and what to do;
+        return for any other fault, for the caller to re-raise."""
+        code = disk_errno(err)
+        if code is None:
+            return
+        kept = (
+            f"the previous {self.output_dir} is kept as it was"
+            if self.output_dir.exists()
+            else f"nothing was written to {self.output_dir}"
+        )
+        written = Path(err.filename) if isinstance(err, OSError) and isinstance(err.filename, str) else None
+        if written is not None and not self._beside_output(written):  # a file elsewhere, e.g. a temporary one
+            advice = f"; {disk_advice(code)}" if code in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise DiaBloError(f"{written}: {os.strerror(code)}; {kept}{advice}") from None
+        raise DiaBloError(f"cannot write {self.output_dir}: {os.strerror(code)}; {kept}; {disk_advice(code)}") from None
 
     def close(self) -> None:
+        """Remove the staging folders and release the output; unless it was published, also remove the parent
+        folders this command made (while they are empty, as the user may have put something there meanwhile)."""
         for path in self._stagings:
             shutil.rmtree(path, ignore_errors=True)
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
+        if not self._published:
+            _remove_made_folders(self.output_dir.parent, self._created)
+
+    def _beside_output(self, path: Path) -> bool:
+        """Whether ``path`` is the output, or in one of the hidden folders diablo writes it through."""
+        try:
+            first = path.resolve().relative_to(self.output_dir.parent.resolve()).parts[0]
+        except (ValueError, IndexError):
+            return False
+        return first == self.output_dir.name or first.startswith(f".{self.output_dir.name}")
 
     def _clean_leftovers(self) -> list[str]:
         """Staging and replaced folders that killed merges or quantizations of this output left beside it: only

@@ -70,6 +70,7 @@ class QuantizeReport:
     perplexity_after: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     log: str | None = None
+    cleaned: list[str] = field(default_factory=list)  # what interrupted quantizations left beside the output: removed
 
     def error_summary(self) -> dict[str, float]:
         errors = sorted(layer.error for layer in self.layers)
@@ -166,8 +167,7 @@ def quantize_model(
     clock.lap("input statistics")
 
     writer = ModelOutput(output, command=QUANTIZE, overwrite=overwrite)
-    if writer.cleaned:
-        progress(f"removed what interrupted quantizations left: {', '.join(writer.cleaned)}", 0, None)
+    report.cleaned = writer.cleaned
     try:
         staging = writer.staging("quantizing")
         scratch = writer.staging("source")
@@ -238,6 +238,9 @@ def quantize_model(
         report.size_after_bytes = _weights_bytes(staging)
         write_text_atomic(staging / REPORT_FILE, json.dumps(asdict(report), indent=2) + "\n")
         writer.publish(staging)
+    except Exception as err:
+        writer.raise_disk_fault(err)
+        raise
     finally:
         writer.close()
     return report

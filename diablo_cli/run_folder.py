@@ -344,6 +344,7 @@ class ModelOutput:
         try:
             _make_folder(parent, option)
             self._lock = FolderLock.acquire(parent / f".{output_dir.name}{LOCK_FILE}", folder=output_dir, option=option)
+            self.restored = self._restore_interrupted_swap()
             check_model_output(output_dir, command=command, overwrite=overwrite, option=option)
             self.cleaned = self._clean_leftovers()
         except BaseException:
@@ -403,7 +404,7 @@ class ModelOutput:
 
     def _clean_leftovers(self) -> list[str]:
         """Staging and replaced folders that killed merges or quantizations of this output left beside it: only
-        those that are empty or carry diablo's marker."""
+        those that are empty or carry diablo's marker (and, first in the list, a previous model put back)."""
         pattern = re.compile(rf"^\.{re.escape(self.output_dir.name)}-(merging|quantizing|source|replaced)-.+$")
         found = [
             p
@@ -412,7 +413,20 @@ class ModelOutput:
         ]
         for item in found:
             shutil.rmtree(item, ignore_errors=True)
-        return [item.name for item in found]
+        return self.restored + sorted(item.name for item in found)
+
+    def _restore_interrupted_swap(self) -> list[str]:
+        """A swap killed between its two renames leaves no output and the previous model under a hidden
+        ``.NAME-replaced-PID`` name: put it back (before the output is checked, so --overwrite still decides)."""
+        if self.output_dir.exists():
+            return []
+        pattern = re.compile(rf"^\.{re.escape(self.output_dir.name)}-replaced-\d+$")
+        previous = [p for p in self.output_dir.parent.iterdir() if pattern.match(p.name) and read_marker(p)]
+        if not previous:
+            return []
+        newest = max(previous, key=lambda p: p.stat().st_mtime)
+        newest.rename(self.output_dir)
+        return [f"{newest.name} (the previous {self.output_dir.name}, put back)"]
 
 
 # ---- disk faults --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from diablo_cli.models import load_model_folder, tiny_model_dir
 from diablo_cli.quantize.pipeline import QuantizeReport, read_quantize_report
 from diablo_cli.report import quantize_summary
 from diablo_cli.run_folder import MERGE, QUANTIZE, Marker, ModelOutput, read_marker
-from tests.user_files import Case, check_case, run_diablo
+from tests.user_files import Case, check_case, run_diablo, snapshot
 
 MERGE_ARGS = ["merge", "-a", "run", "-o", "m"]
 QUANTIZE_ARGS = ["quantize", "--base", "tiny-random-llama", "-m", "bnb-4bit", "--bnb-compute-dtype", "fp32"]
@@ -280,3 +280,20 @@ def test_a_disk_fault_outside_the_output_names_that_file(tmp_path):
     finally:
         output.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_swap_killed_between_its_renames_gets_the_previous_model_back(tmp_path):
+    """Killed after the old output was renamed aside and before the new one took its place: no output, the
+    previous model under .m-replaced-PID. The next merge puts it back first, so --overwrite still decides."""
+    with_adapter(tmp_path)
+    previous_output("m", MERGE)(tmp_path)
+    before = snapshot(tmp_path / "m")
+    (tmp_path / "m").rename(tmp_path / ".m-replaced-4242")
+    refused = run_diablo(MERGE_ARGS, tmp_path)
+    assert refused.code == 2 and "--overwrite" in refused.stderr, refused.stderr
+    assert snapshot(tmp_path / "m") == before and not (tmp_path / ".m-replaced-4242").exists()
+    (tmp_path / "m").rename(tmp_path / ".m-replaced-4243")
+    replaced = run_diablo([*MERGE_ARGS, "--overwrite"], tmp_path)
+    assert replaced.code == 0, replaced.stderr
+    assert ".m-replaced-4243 (the previous m, put back)" in " ".join(replaced.stdout.split())
+    assert read_marker(tmp_path / "m").command == MERGE and snapshot(tmp_path / "m") != before

@@ -46,7 +46,7 @@ def native_bf16(env: dict[str, str]) -> bool:
     return done.stdout.strip() == "True"
 
 
-def run(env: dict[str, str], extra: list[str], out: Path) -> dict[str, str | float]:
+def run(env: dict[str, str], extra: list[str], out: Path, log: Path | None) -> dict[str, str | float]:
     command = [sys.executable, "-m", "diablo_cli", "train", str(ROOT / "configs/quickstart.yaml"), "-o", str(out)]
     started = time.perf_counter()
     done = subprocess.run(
@@ -57,6 +57,8 @@ def run(env: dict[str, str], extra: list[str], out: Path) -> dict[str, str | flo
         cwd=ROOT,
     )
     wall = time.perf_counter() - started
+    if log is not None:
+        log.write_text(f"$ {' '.join(command[2:])}\n{done.stdout}{done.stderr}", encoding="utf-8")
     if done.returncode != 0:
         raise SystemExit(f"diablo train failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
     text = done.stdout + done.stderr
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--with-forced-bf16", action="store_true", help="Also time 5 bf16 steps as AVX2.")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--logs", type=Path, help="Keep each run's terminal output in this folder.")
     args = parser.parse_args()
     print(f"# {machine('cpu')}")
     if not native_bf16(AVX2_ONLY):
@@ -90,7 +93,11 @@ def main() -> None:
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 env, extra = chosen[name]
-                results[name].append(run(env, extra, Path(scratch) / "run"))
+                log = None
+                if args.logs is not None:
+                    args.logs.mkdir(parents=True, exist_ok=True)
+                    log = args.logs / f"{name.replace(' ', '-').replace(',', '')}-{round_index + 1}.txt"
+                results[name].append(run(env, extra, Path(scratch) / "run", log))
                 print(f"# round {round_index + 1}, {name}: {results[name][-1]}", flush=True)
     baseline = statistics.median(r["tokens_per_s"] for r in results[names[0]])
     rows = []

@@ -33,8 +33,8 @@ from ._version import __version__
 from .cache import cache_dir
 from .errors import DiaBloError
 from .interrupts import signals_held
+from .run_folder import LOG_FILE
 
-LOG_FILE = "diablo.log"
 KEPT_LOGS = 20
 """Logs kept under ``<cache>/logs/``, newest first; older ones are deleted as new ones start."""
 QUIET_ENVIRONMENT = {

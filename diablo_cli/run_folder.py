@@ -30,6 +30,7 @@ from .interrupts import signals_held
 
 MARKER_FILE = ".diablo-folder.json"
 LOCK_FILE = ".diablo-lock"
+LOG_FILE = "diablo.log"  # third-party output of the command that wrote the folder (diablo_cli/quiet.py)
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
@@ -499,7 +500,7 @@ def _check_replaceable(path: Path, marker: Marker | None, visible: list[str], co
             f"--overwrite: {path} holds the output of diablo {marker.command}, not of diablo {command}; "
             f"refusing to replace it: choose another {option}"
         )
-    owned = set(marker.entries) | (set(RUN_FILES) if command == TRAIN else set())
+    owned = set(marker.entries) | {LOG_FILE} | (set(RUN_FILES) if command == TRAIN else set())
     added = [name for name in visible if name not in owned and not _RUN_LEFTOVER.match(name)]
     if added:
         raise DiaBloError(

@@ -34,7 +34,7 @@ from diablo_cli.run_folder import (
     safetensors_damage,
 )
 from diablo_cli.tracking import read_metrics
-from tests.user_files import Case, check_case, run_diablo, snapshot
+from tests.user_files import Case, check_case, run_diablo, setup, snapshot
 
 RECIPE = """\
 base_model: tiny-random-llama
@@ -106,15 +106,6 @@ def hold_lock(path: Path) -> None:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(handle, f"{os.getpid()}\n".encode())
     HELD.append(handle)
-
-
-def setup(*steps: Callable[[Path], object], argv: list[str]) -> Callable[[Path], list[str]]:
-    def build(root: Path) -> list[str]:
-        for step in steps:
-            step(root)
-        return argv
-
-    return build
 
 
 def damage(relative: str, keep: int | None = 100) -> Callable[[Path], None]:

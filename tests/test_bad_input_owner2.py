@@ -25,7 +25,7 @@ from diablo_cli.models import load_model_folder, tiny_model_dir
 from diablo_cli.quantize.pipeline import QuantizeReport, read_quantize_report
 from diablo_cli.report import quantize_summary
 from diablo_cli.run_folder import MERGE, QUANTIZE, Marker, ModelOutput, read_marker
-from tests.user_files import Case, check_case, run_diablo, snapshot
+from tests.user_files import Case, check_case, run_diablo, setup, snapshot
 
 MERGE_ARGS = ["merge", "-a", "run", "-o", "m"]
 QUANTIZE_ARGS = ["quantize", "--base", "tiny-random-llama", "-m", "bnb-4bit", "--bnb-compute-dtype", "fp32"]
@@ -68,15 +68,6 @@ def previous_output(name: str, command: str) -> Callable[[Path], None]:
 def user_folder(root: Path) -> None:
     (root / "models").mkdir()
     (root / "models" / "notes.txt").write_text("mine\n")
-
-
-def setup(*steps: Callable[[Path], object], argv: list[str]) -> Callable[[Path], list[str]]:
-    def build(root: Path) -> list[str]:
-        for step in steps:
-            step(root)
-        return argv
-
-    return build
 
 
 def failing(error: Callable[[str], BaseException], *, path_at: int = 1):

@@ -129,3 +129,14 @@ def check_case(case: Case, root: Path) -> Outcome:
 
 def _allowed(key: str, created: tuple[str, ...]) -> bool:
     return any(key == prefix or key.startswith(prefix.rstrip("/") + "/") for prefix in created)
+
+
+def setup(*steps: Callable[[Path], object], argv: list[str]) -> Callable[[Path], list[str]]:
+    """A ``Case.setup``: run ``steps`` (each writes some of the user's files under the root), then give ``argv``."""
+
+    def build(root: Path) -> list[str]:
+        for step in steps:
+            step(root)
+        return argv
+
+    return build

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, help="Keep each run's terminal output in this folder.")
     args = parser.parse_args()
     print(f"# {machine('cpu')}")
-    if not native_bf16(AVX2_ONLY):
+    if native_bf16(AVX2_ONLY):
         print("# as AVX2: PyTorch still reports native bf16 with oneDNN capped (the stand-in does not hold here)")
     chosen = variants(args.with_forced_bf16)
     names = list(chosen)

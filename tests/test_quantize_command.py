@@ -291,7 +291,10 @@ def test_real_model_gptq_4bit_then_training_on_it(smollm2_dir, tmp_path):
         str(smollm2_dir), out, method="gptq", bits=4, group_size=128, magr=True, magr_iterations=20,
         samples=4, seq_len=256, evaluate=True,
     )  # fmt: skip
-    assert len(report.layers) == 210 and report.size_after_bytes < report.size_before_bytes / 4
+    # What is not quantized (the 28M-parameter tied embedding, the norms) stays in the calibration dtype: bf16 where
+    # the CPU computes it natively (under 1/4 of the fp32 source), fp32 where it does not (measured 0.315).
+    shrink = 4 if report.calibration["dtype"] == "bf16" else 3
+    assert len(report.layers) == 210 and report.size_after_bytes < report.size_before_bytes / shrink
     assert report.error_summary()["mean"] < 0.1
     assert report.perplexity_before < report.perplexity_after < 2 * report.perplexity_before
     recipe = Path(__file__).parents[1] / "configs" / "quickstart-gptq.yaml"

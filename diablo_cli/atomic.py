@@ -9,8 +9,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .reading import read_json_object
-
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
@@ -45,11 +43,6 @@ def ordinary_permissions(path: Path) -> None:
         for item in path.iterdir():
             if item.is_file():
                 item.chmod(0o666 & ~mask)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file this project (or a checkpoint it reads) wrote; a one-line error naming it otherwise."""
-    return read_json_object(path)
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import read_json, write_text_atomic
+from ..atomic import write_text_atomic
 from ..errors import DiaBloError
 from ..models import require_extra
 from ..precision import AUTO, choose_dtype, short_name
@@ -248,7 +248,7 @@ def quantize_model(
 
 def read_quantize_report(folder: str | Path) -> QuantizeReport:
     """The report ``diablo quantize`` left in a folder it wrote."""
-    document = read_json(Path(folder) / REPORT_FILE)
+    document = read_json_object(Path(folder) / REPORT_FILE, "quantize report")
     layers = [LayerReport(**layer) for layer in document.pop("layers", [])]
     return QuantizeReport(**document, layers=layers)
 

@@ -49,6 +49,7 @@ from .distributed import (
 from .divergence import CheckpointHealth, Strike, Watchdog
 from .errors import DiaBloError, TrainingStopped
 from .interrupts import Interrupted
+from .loss import LossPath, choose_loss, held_logit_rows, planned_loss
 from .methods import TrainingMethod, training_method
 from .models import base_quantization, load_base_model
 from .precision import DtypeChoice
@@ -155,6 +156,9 @@ def _train_in_folder(
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    loss_path = choose_loss(model, training.loss)  # probes the model: before accelerate wraps it
+    if main:
+        console.print(loss_path.choice.describe(), highlight=False)
     sharding_notes = configure_sharding(
         accelerator,
         model,
@@ -243,6 +247,7 @@ def _train_in_folder(
         output_dir,
         batches_per_epoch,
         engine,
+        loss_path,
         console=console if main else None,
     )
     started = time.perf_counter()
@@ -311,12 +316,14 @@ class _Loop:
         metrics,
         output_dir,
         batches_per_epoch,
-        engine: str = "none",
+        engine: str,
+        loss_path: LossPath,
         *,
         console: Console | None = None,
     ):
         self.recipe, self.training, self.method = recipe, recipe.training, method
         self.engine = engine  # distributed.sharding_engine: how backward, clipping and checkpoints go
+        self.loss_path = loss_path  # how a micro-batch's loss is computed (loss.py): the same for validation
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.data, self.collator, self.state, self.metrics, self.output_dir = data, collator, state, metrics, output_dir
         self.tokens_this_session = 0
@@ -392,7 +399,7 @@ class _Loop:
             with nullcontext() if last else accelerator.no_sync(model):
                 # Sum of token losses / supervised tokens of the whole window on all processes; DDP then
                 # averages gradients over processes, which the factor undoes.
-                loss = model(**batch, num_items_in_batch=supervised_all, use_cache=False).loss
+                loss = self.loss_path.loss(model, batch, supervised_all)
                 loss = loss * accelerator.num_processes
                 backward(accelerator, model, loss, window_end=last, engine=self.engine)
             window_loss += loss.detach().float().item() / accelerator.num_processes
@@ -484,7 +491,12 @@ class _Loop:
 
     def _validate(self, step: int) -> None:
         loss = validation_loss(
-            self.accelerator, self.model, self.data.validation, self.collator, self.training.micro_batch_size
+            self.accelerator,
+            self.model,
+            self.data.validation,
+            self.collator,
+            self.training.micro_batch_size,
+            self.loss_path,
         )
         if self.metrics is not None:
             self.metrics.log({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
@@ -691,7 +703,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, to
 
 
 @torch.no_grad()
-def validation_loss(accelerator, model, rows, collator, batch_size: int) -> float:
+def validation_loss(accelerator, model, rows, collator, batch_size: int, loss_path: LossPath) -> float:
     """Mean loss per supervised token over the validation rows (all processes)."""
     from torch.utils.data import DataLoader
 
@@ -702,7 +714,7 @@ def validation_loss(accelerator, model, rows, collator, batch_size: int) -> floa
     for batch in loader:
         count = int((batch["labels"][..., 1:] != -100).sum())
         if count:
-            loss = model(**batch, num_items_in_batch=count, use_cache=False).loss
+            loss = loss_path.loss(model, batch, count)
             total += torch.tensor([loss.item() * count, count], device=accelerator.device, dtype=torch.float64)
     total = accelerator.reduce(total, "sum")
     model.train()
@@ -893,6 +905,7 @@ def show_plan(recipe: Recipe, console: Console):
             **kwargs,
         )
         print_dtype(console, dtype)
+        console.print(planned_loss(config, recipe.training.loss).describe(), highlight=False)
     except DiaBloError as err:  # a plan shows what would stop the run, then goes on
         console.print(f"[bold red]would stop:[/] {err}", highlight=False, soft_wrap=True)
         dtype = choose_dtype(recipe.model.dtype, device=compute_device())
@@ -909,6 +922,7 @@ def show_plan(recipe: Recipe, console: Console):
         batch=recipe.training.micro_batch_size,
         seq_len=recipe.data.max_length,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
+        logits_rows=held_logit_rows(config, recipe.training.loss),
     )
     if packed is not None:
         estimate.weights = packed_weights_bytes(report.base, linear_parameters, dtype.name, packed_weight_bits(packed))

@@ -21,6 +21,7 @@ head (soft-capping, scaling) or has no plain linear head keeps the dense path, a
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -210,17 +211,18 @@ def _head_runs(head: nn.Module, job: HeadJob) -> Iterator[_Run]:
 
 def _patch(head: nn.Module) -> None:
     """Give ``head`` an instance-level forward that runs the pending job, if any, else the class's own forward
-    (looked up on each call: FSDP and DeepSpeed change a module's class, and their hooks stay in ``__call__``)."""
+    (looked up on each call: FSDP and DeepSpeed change a module's class, and their hooks stay in ``__call__``).
+    A bound method, so that a deep copy of the model gets a head bound to its own weights."""
     if getattr(head, "_diablo_patched", False):
         return
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        job = head._diablo_job
-        return job(hidden) if job is not None else type(head).forward(head, hidden)
-
     head._diablo_job = None
-    head.forward = forward
+    head.forward = types.MethodType(_forward_or_job, head)
     head._diablo_patched = True
+
+
+def _forward_or_job(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    job = head._diablo_job
+    return job(hidden) if job is not None else type(head).forward(head, hidden)
 
 
 def _probe(model: nn.Module, head: nn.Module) -> str:

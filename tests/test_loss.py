@@ -256,3 +256,20 @@ def test_cut_cross_entropy_matches_the_dense_loss():
     actual = path.loss(model, batch, count)
     actual.backward()
     assert torch.allclose(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_a_copied_model_computes_with_its_own_head():
+    import copy
+
+    model = diablo_model()
+    path = choose_loss(model)
+    assert path.kind == "chunked"
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(2.0)  # tied: the embedding changes too
+    batch = batch_of(VOCAB)
+    with torch.no_grad():
+        hidden = twin.model(batch["input_ids"])[0]
+        expected = torch.nn.functional.linear(hidden, twin.get_output_embeddings().weight)
+        assert torch.equal(twin(input_ids=batch["input_ids"]).logits, expected)
+        assert not torch.equal(model(input_ids=batch["input_ids"]).logits, expected)

@@ -441,11 +441,13 @@ def _training_format_examples(spec: TaskSpec, settings: EvalSettings):
 
 
 def _loss_task(model, tokenizer, spec, settings, progress):
-    """Mean loss over the supervised tokens of a training-format dataset, and its perplexity."""
+    """Mean loss over the supervised tokens of a training-format dataset, and its perplexity (through
+    loss.sequence_logprobs: never a batch's full logits)."""
     import torch
 
     from ..data.collator import DataCollator
     from ..data.tokenize import tokenize_examples
+    from ..loss import sequence_logprobs
 
     raw = _training_format_examples(spec, settings)
     rows = tokenize_examples(raw, spec.dataset, tokenizer, max_length=spec.max_length, train_on_inputs=False)
@@ -462,13 +464,9 @@ def _loss_task(model, tokenizer, spec, settings, progress):
                 chunk = rows[start : start + settings.batch_size]
                 batch = collate([{k: r[k] for k in ("input_ids", "labels")} for r in chunk])
                 batch = {k: v.to(model.device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labels = batch["labels"][:, 1:]
-                losses = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-                )
-                total_loss += float(losses)
-                total_tokens += int((labels != -100).sum())
+                logprobs = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                total_loss -= float(logprobs.sum())
+                total_tokens += int((batch["labels"][:, 1:] != -100).sum())
                 if progress:
                     progress(f"{spec.name}: loss", min(start + len(chunk), len(rows)), len(rows))
     finally:

@@ -53,11 +53,25 @@ class LossChoice:
 
 
 class LossPath:
-    """Computes the training loss of one model the chosen way; ``loss`` is what the loop calls per micro-batch."""
+    """Computes the training loss of one model the chosen way; ``loss`` is what the loop calls per micro-batch.
 
-    def __init__(self, choice: LossChoice, head: nn.Module | None) -> None:
+    Where the weights are partitioned across processes (DeepSpeed ZeRO-3 loads them so), the probe cannot run on
+    the bare model: it runs at the first ``loss`` call, through the engine, on every process alike, and an
+    ``auto`` choice that fails it turns to dense and says so through ``announce``.
+    """
+
+    def __init__(
+        self,
+        choice: LossChoice,
+        head: nn.Module | None,
+        *,
+        probe_first: bool = False,
+        auto: bool = True,
+        announce: Callable[[str], None] | None = None,
+    ) -> None:
         self.choice = choice
         self._head = head
+        self._probe_first, self._auto, self._announce = probe_first, auto, announce
 
     @property
     def kind(self) -> str:
@@ -65,6 +79,9 @@ class LossPath:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
         """Sum of the token losses of ``batch`` / ``num_items`` (the supervised tokens of the whole window)."""
+        if self._probe_first:
+            self._probe_first = False
+            self._settle(model)
         if self._head is None:
             return model(**batch, num_items_in_batch=num_items, use_cache=False).loss
         inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -74,19 +91,32 @@ class LossPath:
         ran.check()
         return output.logits  # the head returned the loss in place of the logits
 
+    def _settle(self, model: nn.Module) -> None:
+        obstacle = _probe(model, self._head, vocab=self._head.out_features, device=_input_device(model))
+        if not obstacle:
+            return
+        if not self._auto:
+            raise DiaBloError(f"training.loss: {self.kind} cannot run on this model: {obstacle}; use dense or auto")
+        self.choice, self._head = LossChoice("dense", f"auto: {obstacle}"), None
+        if self._announce is not None:
+            self._announce(self.choice.describe())
 
-def choose_loss(model: nn.Module, requested: str = "auto") -> LossPath:
+
+def choose_loss(
+    model: nn.Module, requested: str = "auto", *, announce: Callable[[str], None] | None = None
+) -> LossPath:
     """Decide and install the loss path for ``model`` (before ``accelerator.prepare``; idempotent).
 
     ``auto`` takes ``chunked`` wherever the model allows it; an explicit choice the model or machine cannot
-    honour is refused in one line that names ``training.loss`` and what would work.
+    honour is refused in one line that names ``training.loss`` and what would work. ``announce`` hears a later
+    change of mind (see LossPath).
     """
     if requested not in LOSS_KINDS:
         raise DiaBloError(f"training.loss: {requested!r} is not one of {', '.join(LOSS_KINDS)}")
     if requested == "dense":
         return LossPath(_DENSE_REQUESTED, None)
-    obstacle = shortcut_obstacle(model)
-    if obstacle is not None:
+    obstacle = shortcut_obstacle(model, probe=not _partitioned(model))
+    if obstacle:
         if requested != "auto":
             raise DiaBloError(f"training.loss: {requested} cannot run on this model: {obstacle}; use dense or auto")
         return LossPath(LossChoice("dense", f"auto: {obstacle}"), None)
@@ -95,7 +125,8 @@ def choose_loss(model: nn.Module, requested: str = "auto") -> LossPath:
         _require_cce(head)
     elif requested == "liger":
         _require_liger(head)
-    return LossPath(_shortcut_choice(requested, head.out_features), head)
+    choice = _shortcut_choice(requested, head.out_features)
+    return LossPath(choice, head, probe_first=obstacle is None, auto=requested == "auto", announce=announce)
 
 
 def planned_loss(config, requested: str = "auto") -> LossChoice:
@@ -121,9 +152,10 @@ def _shortcut_choice(requested: str, vocab_size: int) -> LossChoice:
     return LossChoice("chunked", f"auto: {how}" if requested == "auto" else how)
 
 
-def shortcut_obstacle(model: nn.Module) -> str | None:
-    """Why ``model``'s loss cannot skip its full logits, or None when it can (a probe forward decides the last
-    question: do the logits the model returns equal what its head computed, bit for bit)."""
+def shortcut_obstacle(model: nn.Module, *, probe: bool = True) -> str | None:
+    """Why ``model``'s loss cannot skip its full logits, or '' when it can (a probe forward decides the last
+    question: do the logits the model returns equal what its head computed, bit for bit); None when that is
+    left open (``probe=False``)."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return _ENCODER_DECODER
@@ -133,10 +165,10 @@ def shortcut_obstacle(model: nn.Module) -> str | None:
         kind = "none" if head is None else type(head).__name__
         return f"its output layer is not a plain linear layer ({kind})"
     verdict = getattr(head, "_diablo_probe", None)
-    if verdict is None:
-        verdict = _probe(model, head)
+    if verdict is None and probe:
+        verdict = _probe(model, head, vocab=head.out_features, device=weight_device(head))
         head._diablo_probe = verdict
-    return verdict or None
+    return verdict
 
 
 def slice_rows(vocab_size: int) -> int:
@@ -156,7 +188,7 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """Per row, the summed log-probability of the tokens ``labels`` marks (others IGNORE_INDEX), each predicted
     from the position before it: scoring without full logits. Falls back to the dense log-softmax on models the
     shortcut does not fit."""
-    if shortcut_obstacle(model) is not None:
+    if shortcut_obstacle(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         targets = labels[:, 1:]
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -225,16 +257,15 @@ def _forward_or_job(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return job(hidden) if job is not None else type(head).forward(head, hidden)
 
 
-def _probe(model: nn.Module, head: nn.Module) -> str:
-    """'' when the model returns its head's output untouched on a small input, else the reason it does not."""
+def _probe(model: nn.Module, head: nn.Module, *, vocab: int, device: torch.device) -> str:
+    """'' when the model returns its head's output untouched on a small input, else the reason it does not.
+    ``model`` may be wrapped by an engine (the deferred probe); every process must then probe together."""
     captured: list[torch.Tensor] = []
 
     def job(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         captured.append(F.linear(hidden, weight, bias))
         return captured[-1]
 
-    device = weight_device(head)
-    vocab = head.out_features
     ids = (torch.arange(16, device=device).reshape(2, 8) * 7919 + 11) % vocab
     was_training = model.training
     model.eval()
@@ -253,6 +284,16 @@ def _probe(model: nn.Module, head: nn.Module) -> str:
 
 def weight_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _partitioned(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds the weights as partitions (a forward outside its engine cannot run)."""
+    return any(hasattr(parameter, "ds_id") for parameter in model.parameters())
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else weight_device(model)
 
 
 # --- the loss jobs ---------------------------------------------------------------------------------------------

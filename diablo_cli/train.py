@@ -156,7 +156,8 @@ def _train_in_folder(
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    loss_path = choose_loss(model, training.loss)  # probes the model: before accelerate wraps it
+    announce = (lambda line: console.print(line, highlight=False)) if main else None
+    loss_path = choose_loss(model, training.loss, announce=announce)  # probes the model before accelerate wraps it
     if main:
         console.print(loss_path.choice.describe(), highlight=False)
     sharding_notes = configure_sharding(

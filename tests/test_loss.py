@@ -199,6 +199,19 @@ def test_multiple_choice_scoring_goes_through_the_shortcut(monkeypatch):
 
 
 def test_a_model_that_changes_its_logits_keeps_the_dense_loss():
+    model = softcapped_model()
+    path = choose_loss(model, "auto")
+    assert path.kind == "dense" and "changes its logits" in path.choice.reason
+    with pytest.raises(DiaBloError, match=r"training.loss: chunked cannot run on this model: .*soft-capping"):
+        choose_loss(model, "chunked")
+    batch = batch_of(256)
+    assert torch.equal(path.loss(model, batch, 7), dense(model, batch, 7))
+    model.config.final_logit_softcapping = None
+    model.get_output_embeddings()._diablo_probe = None  # a new question: probe again
+    assert choose_loss(model).kind == "chunked"
+
+
+def softcapped_model():
     torch.manual_seed(0)
     config = Gemma2Config(
         vocab_size=256,
@@ -210,16 +223,38 @@ def test_a_model_that_changes_its_logits_keeps_the_dense_loss():
         head_dim=16,
         final_logit_softcapping=5.0,
     )
-    model = Gemma2ForCausalLM(config)
-    path = choose_loss(model, "auto")
-    assert path.kind == "dense" and "changes its logits" in path.choice.reason
-    with pytest.raises(DiaBloError, match=r"training.loss: chunked cannot run on this model: .*soft-capping"):
-        choose_loss(model, "chunked")
+    return Gemma2ForCausalLM(config)
+
+
+def test_partitioned_weights_are_probed_at_the_first_step():
+    """Under ZeRO-3 the bare model cannot run a forward; the probe then runs at the first loss, through the
+    engine, and an auto choice that fails it turns dense and says so."""
+    model = softcapped_model_partitioned()
+    heard = []
+    path = choose_loss(model, announce=heard.append)
+    assert path.kind == "chunked" and not heard
     batch = batch_of(256)
     assert torch.equal(path.loss(model, batch, 7), dense(model, batch, 7))
-    model.config.final_logit_softcapping = None
-    model.get_output_embeddings()._diablo_probe = None  # a new question: probe again
-    assert choose_loss(model).kind == "chunked"
+    assert path.kind == "dense" and heard == ["loss: dense (auto: it changes its logits after the output layer "
+                                              "(soft-capping or scaling))"]  # fmt: skip
+    other = softcapped_model_partitioned()
+    explicit = choose_loss(other, "chunked")
+    with pytest.raises(DiaBloError, match=r"training.loss: chunked cannot run on this model: .*soft-capping"):
+        explicit.loss(other, batch, 7)
+    fine = diablo_model()
+    for parameter in fine.parameters():
+        parameter.ds_id = 0
+    path = choose_loss(fine, announce=heard.append)
+    batch = batch_of(VOCAB)
+    assert torch.allclose(path.loss(fine, batch, 9), dense(fine, batch, 9), atol=1e-6)
+    assert path.kind == "chunked" and len(heard) == 1
+
+
+def softcapped_model_partitioned():
+    model = softcapped_model()
+    for parameter in model.parameters():
+        parameter.ds_id = 0  # what DeepSpeed's partitioning leaves on every parameter
+    return model
 
 
 def test_encoder_decoder_models_keep_the_dense_loss():

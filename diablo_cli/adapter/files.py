@@ -19,6 +19,7 @@ from torch import nn
 
 from .._version import __version__
 from ..atomic import atomic_path, write_text_atomic
+from ..base_config import base_quantization
 from ..errors import AdapterMismatchError, DiaBloError
 from ..reading import open_safetensors, read_json
 from .config import ADAPTER_DTYPES, DiaBloConfig, canonical_dtype
@@ -202,8 +203,6 @@ def check_against_base(model: nn.Module, document: dict[str, Any], directory: Pa
 
 
 def _describe_base(model: nn.Module, override: str | None) -> dict[str, Any]:
-    from ..models import base_quantization
-
     config = getattr(model, "config", None)
     return {
         "name_or_path": override or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None),

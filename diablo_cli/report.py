@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -24,13 +24,17 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from .adapter import ParameterReport
 from .atomic import atomic_path
-
-if TYPE_CHECKING:
-    from .inspection import AdapterInspection, ModelInspection, ProbedModule
-    from .merge import MergeReport
-    from .quantize.pipeline import QuantizeReport
+from .records import (
+    AdapterInspection,
+    MergeReport,
+    ModelInspection,
+    ParameterReport,
+    ProbedModule,
+    QuantizeReport,
+    TrainableGroup,
+)
+from .records import Progress as PhaseCallback  # rich has a Progress of its own
 
 
 def parameter_table(report: ParameterReport, title: str = "DiaBlo parameters") -> Table:
@@ -57,6 +61,24 @@ def parameter_table(report: ParameterReport, title: str = "DiaBlo parameters") -
         f"{report.trainable:,} trainable of {report.base:,} base parameters ({report.percent_of_base:.3f}%)"
         + (f"; {report.dead_blocks} whole blocks see only padding" if report.dead_blocks else "")
     )
+    return table
+
+
+def method_table(report: ParameterReport, groups: list[TrainableGroup] | None, title: str) -> Table:
+    """A training method's parameter table: DiaBlo's per module (``groups`` None), a baseline's by tensor kind."""
+    if groups is None:
+        return parameter_table(report, title=title)
+    table = Table(title=title, title_justify="left")
+    table.add_column("parameter")
+    table.add_column("tensors", justify="right")
+    table.add_column("shape", justify="right")
+    table.add_column("parameters", justify="right")
+    for group in groups:
+        shown = ", ".join(group.shapes[:2]) + (", …" if len(group.shapes) > 2 else "")
+        table.add_row(group.kind, str(group.tensors), shown, f"{group.parameters:,}")
+    table.add_section()
+    table.add_row("trainable", "", "", f"{report.trainable:,}", style="bold")
+    table.caption = f"{report.trainable:,} trainable of {report.base:,} base parameters ({report.percent_of_base:.3f}%)"
     return table
 
 
@@ -98,6 +120,29 @@ def training_progress(console: Console, total_steps: int, start: int = 0) -> tup
     progress = _FittingProgress(console)
     task = progress.add_task("train", total=total_steps, completed=start, loss="—", lr="—", speed="—", memory="")
     return progress, task
+
+
+def step_display(progress: Progress, task: TaskID) -> Callable[[int, dict[str, Any] | None], None]:
+    """``show(step, record)`` for the loop: moves the bar to ``step`` and, given a metrics record (the loop's
+    log line), shows its loss, learning rate, speed and memory."""
+
+    def show(step: int, record: dict[str, Any] | None) -> None:
+        if record is None:
+            progress.update(task, completed=step)
+            return
+        memory = f"{record['rss_gib']:.1f} GiB" + (
+            f", GPU {record['gpu_peak_gib']:.1f}" if "gpu_peak_gib" in record else ""
+        )
+        progress.update(
+            task,
+            completed=step,
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            speed=f"{record['tokens_per_s']:,.0f}",
+            memory=memory,
+        )
+
+    return show
 
 
 class _FittingProgress(Progress):
@@ -183,7 +228,7 @@ def _phase_bars(console: Console, label: str) -> Progress:
     )
 
 
-def _phase_callback(progress: Progress, task: TaskID) -> Callable[[str, int, int | None], None]:
+def _phase_callback(progress: Progress, task: TaskID) -> PhaseCallback:
     def advance(phase: str, done: int, total: int | None) -> None:
         progress.update(task, description=phase, completed=done, total=total)
 
@@ -191,7 +236,7 @@ def _phase_callback(progress: Progress, task: TaskID) -> Callable[[str, int, int
 
 
 @contextmanager
-def task_progress(console: Console, label: str) -> Iterator[Callable[[str, int, int | None], None]]:
+def task_progress(console: Console, label: str) -> Iterator[PhaseCallback]:
     """A Rich progress bar driven by ``advance(phase, done, total)`` callbacks; a phase with no total
     shows as a spinner-like bar. Yields the callback."""
     progress = _phase_bars(console, f"[bold]{label}")
@@ -200,12 +245,12 @@ def task_progress(console: Console, label: str) -> Iterator[Callable[[str, int, 
 
 
 @contextmanager
-def row_progress(console: Console) -> Iterator[Callable[[str], Callable[[str, int, int | None], None]]]:
+def row_progress(console: Console) -> Iterator[Callable[[str], PhaseCallback]]:
     """One bar per labelled row (``diablo eval``'s models): yields ``for_row(label)``, which adds a bar and
     returns its ``advance(phase, done, total)`` callback."""
     progress = _phase_bars(console, "[bold]{task.fields[label]}")
 
-    def for_row(label: str) -> Callable[[str, int, int | None], None]:
+    def for_row(label: str) -> PhaseCallback:
         return _phase_callback(progress, progress.add_task("", total=None, label=label))
 
     with progress:
@@ -462,8 +507,6 @@ def probe_table(rows: list[ProbedModule], data: str) -> Table:
 def eval_table(scores: dict[str, dict[str, dict[str, float]]], templates: dict[str, str] | None = None) -> Table:
     """Tasks × metrics down, models across: the base and each adapter side by side, with the change from the
     first column (the base when it was evaluated) for every other model."""
-    from .evaluate.runner import PERCENT_METRICS, format_metric, iter_metric_cells
-
     labels = list(scores)
     table = Table(title="diablo eval", title_justify="left")
     table.add_column("task")
@@ -548,3 +591,22 @@ def quantize_summary(report: QuantizeReport) -> list[Any]:
 def cleaned_line(runs: str, output: Path | str, names: list[str]) -> str:
     """The lasting line for the leftovers of killed runs that a merge or quantization removed beside its output."""
     return f"removed what interrupted {runs} left beside {output}: {', '.join(names)}"
+
+
+def iter_metric_cells(scores: dict[str, dict[str, dict[str, float]]]) -> Iterator[tuple[str, str]]:
+    """(task, metric) pairs in first-seen order across all models, "n" excluded."""
+    seen: dict[tuple[str, str], None] = {}
+    for row in scores.values():
+        for task, metrics in row.items():
+            for metric in metrics:
+                if metric not in ("n", "samples_per_problem", "tokens"):
+                    seen.setdefault((task, metric), None)
+    yield from seen
+
+
+PERCENT_METRICS = ("accuracy", "acc", "acc_norm", "exact_match", "refusal_rate", "f1", "pass@")
+
+
+def format_metric(metric: str, value: float) -> str:
+    """A score as people read it: shares as percentages, correlations and losses as plain numbers."""
+    return f"{value:.1%}" if metric.startswith(PERCENT_METRICS) else f"{value:.4g}"

@@ -5,7 +5,8 @@ An arrow is one file importing another inside the package (an import inside a fu
 the two files together). Floors are the levels of the import graph once each circle is squeezed to one node (a
 file with no arrows out is on floor 0; every other file sits one floor above the highest file it imports).
 An arrow runs up when it goes from a lower to a higher floor of the `layers` contract in pyproject.toml's
-``[tool.importlinter]`` (the floors the code promises); a circle is a set of files that reach each other.
+``[tool.importlinter]`` (the floors the code promises), and sideways when it joins two siblings of one floor;
+a circle is a set of files that reach each other.
 
     python benchmarks/import_graph.py                  # this checkout
     python benchmarks/import_graph.py --root ../main   # another checkout, measured against this one's floors
@@ -16,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 
 import grimp
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: import-linter brings tomli
+    import tomli as tomllib
 
 PACKAGE = "diablo_cli"
 LINE_LIMIT = 600
@@ -38,13 +43,21 @@ def main() -> None:
     floors = _floors(files, arrows)
     layers = _contract_layers(Path(__file__).resolve().parents[1] / "pyproject.toml")
     up = sorted((a, b) for a, b in arrows if _floor_of(a, layers) < _floor_of(b, layers))
+    sideways = sorted(
+        (a, b)
+        for a, b in arrows
+        if _floor_of(a, layers) == _floor_of(b, layers) >= 0 and _entry_of(a, layers) != _entry_of(b, layers)
+    )
     big = sorted((n, m) for m in files if (n := _lines(args.root, m)) > LINE_LIMIT)
 
     print(f"files {len(files)}  floors {max(floors.values()) + 1}  arrows {len(arrows)}  ", end="")
-    print(f"running up {len(up)}  circles {len(circles)}  files over {LINE_LIMIT} lines {len(big)}")
+    print(f"running up {len(up)}  sideways {len(sideways)}  circles {len(circles)}  ", end="")
+    print(f"files over {LINE_LIMIT} lines {len(big)}")
     if args.arrows:
         for a, b in up:
             print(f"  up: {a} -> {b}")
+        for a, b in sideways:
+            print(f"  sideways: {a} -> {b}")
         for group in circles:
             print("  circle: " + ", ".join(sorted(group)))
         for n, m in big:
@@ -56,7 +69,7 @@ def _contract_layers(pyproject: Path) -> list[list[str]]:
     config = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("tool", {}).get("importlinter", {})
     for contract in config.get("contracts", []):
         if contract.get("type") == "layers" and contract.get("id") == "floors":
-            return [[name.strip() for name in layer.replace(":", "|").split("|")] for layer in contract["layers"]]
+            return [[name.strip(" ()") for name in layer.replace(":", "|").split("|")] for layer in contract["layers"]]
     return []
 
 
@@ -66,6 +79,12 @@ def _floor_of(module: str, layers: list[list[str]]) -> int:
         if any(module == name or module.startswith(name + ".") for name in layer):
             return len(layers) - 1 - index
     return -1 if not layers else len(layers)  # an unlisted module counts as above every floor
+
+
+def _entry_of(module: str, layers: list[list[str]]) -> str | None:
+    """The contract's entry (a module or package of some floor) that holds the module."""
+    names = [name for layer in layers for name in layer if module == name or module.startswith(name + ".")]
+    return max(names, key=len, default=None)
 
 
 def _lines(root: Path, module: str) -> int:

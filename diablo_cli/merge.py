@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ._version import __version__
 from .adapter import load_adapter, merge_diablo, read_adapter_config
 from .adapter.files import DAMAGED_ADAPTER_ADVICE, WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
@@ -38,6 +37,7 @@ from .methods import (
     recorded_base,
     saved_adapter_disabled,
 )
+from .model_card import MODEL_CARD, write_model_card
 from .models import (
     DAMAGED_MODEL_ADVICE,
     TORCH_DTYPES,
@@ -56,7 +56,7 @@ log = logging.getLogger("diablo_cli")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
-_NOT_COPIED = {INDEX_FILE, ADAPTER_CONFIG, "README.md"}
+_NOT_COPIED = {INDEX_FILE, ADAPTER_CONFIG, MODEL_CARD}
 
 # Largest accepted |merged − (base+adapter)| over max |logit| of base+adapter on the probe batch, both run
 # in fp32. Merging rounds each weight once to the output dtype, so that is all the difference should be;
@@ -471,53 +471,6 @@ def peak_rss_bytes() -> int:
     """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def write_model_card(out: Path, report: MergeReport, adapter_dir: Path, document: dict[str, Any]) -> None:
-    """A short README.md naming the base, the adapter and the block settings, for whoever finds the folder."""
-    config = document.get("config") or {}
-    check = report.verification
-    peft = "peft_type" in document  # a `type: lora | dora` run
-    kind = ("DoRA" if document.get("use_dora") else document["peft_type"]) if peft else "DiaBlo"
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [diablo, merged]",
-        f"base_model: {report.base}",
-        "---",
-        "",
-        f"# {report.output_dir.name}",
-        "",
-        f"{report.base} with a {kind} adapter merged into its weights by diablo-cli {__version__}: an ordinary",
-        "transformers model, no diablo-cli needed to load it.",
-        "",
-        f"- base model: `{report.base}`",
-    ]
-    if peft:
-        lines += [
-            f"- adapter: `{adapter_dir}` (PEFT {kind}, r={document.get('r')}, alpha={document.get('lora_alpha')})",
-            f"- {len(document.get('target_modules') or [])} adapted layers; merged in fp32 by PEFT, saved as "
-            f"{report.dtype}",
-        ]
-    else:
-        lines += [
-            f"- adapter: `{adapter_dir}` (id `{document.get('adapter_id')}`, {document.get('parameters', 0):,} "
-            "parameters)",
-            f"- blocks: N={config.get('blocks')}, target modules `{config.get('target_modules')}`"
-            + (f", per module {config['blocks_by_module']}" if config.get("blocks_by_module") else "")
-            + (f", layers {config['layers']}" if config.get("layers") else ""),
-            f"- {len(document.get('modules', {}))} adapted layers; merged in fp32 and saved as {report.dtype}",
-        ]
-    if report.dequantized:
-        lines.append(
-            f"- the quantized base was dequantized first ({report.dequantized}): this is a full-precision model"
-        )
-    if check is not None:
-        lines.append(
-            f"- verified: max |logit difference| to base+adapter {check.max_abs:.3g} "
-            f"(relative {check.max_relative:.1e}) on {check.tokens} probe tokens"
-        )
-    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The plain records the commands return — what a merge, a quantization, an inspection or a parameter count
 found — and the one progress callback they report through. Standard library only: computing code fills these
-in, report.py renders them, and neither needs the other."""
+in, report/ renders them, and neither needs the other."""
 
 from __future__ import annotations
 

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from ..evaluate.runner import (
+    EvalResult,
+    EvalSettings,
+    evaluate_model,
+    headline_metric,
+    spec_from_recipe_task,
+    training_template,
+)
 from ..recipe import Recipe
 from ..report import format_metric, spinner
 
@@ -14,15 +22,6 @@ def run_eval_tasks(recipe: Recipe, model, tokenizer, console: Console, *, label:
     Returns each task's headline metric, keyed "task:metric" (e.g. "dates:exact_match"). Code tasks are left
     to `diablo eval --allow-code-execution`: training never runs generated code.
     """
-    from .evaluate.runner import (
-        EvalResult,
-        EvalSettings,
-        evaluate_model,
-        headline_metric,
-        spec_from_recipe_task,
-        training_template,
-    )
-
     specs = [spec_from_recipe_task(task, recipe.data.max_length) for task in recipe.eval.tasks]
     skipped = [spec.name for spec in specs if spec.family == "code"]
     if skipped:

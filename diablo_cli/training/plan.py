@@ -18,8 +18,8 @@ def show_plan(recipe: Recipe, console: Console):
     from rich.syntax import Syntax
     from transformers import AutoConfig, AutoTokenizer
 
-    from .memory import estimate_training_memory, packed_weight_bits, packed_weights_bytes
-    from .models import (
+    from ..memory import estimate_training_memory, packed_weight_bits, packed_weights_bytes
+    from ..models import (
         base_dtype,
         check_local_model,
         compute_device,
@@ -27,8 +27,8 @@ def show_plan(recipe: Recipe, console: Console):
         resolve_model,
         skeleton_model,
     )
-    from .precision import choose_dtype
-    from .quantize.pipeline import quantized_layer_names
+    from ..precision import choose_dtype
+    from ..quantize.pipeline import quantized_layer_names
 
     console.print(Syntax(recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
     source = resolve_model(recipe.base_model)
@@ -38,7 +38,7 @@ def show_plan(recipe: Recipe, console: Console):
         config = AutoConfig.from_pretrained(source, revision=recipe.model.revision, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=recipe.model.revision, **kwargs)
     except (OSError, ValueError) as err:
-        from .models import _explain_load_failure
+        from ..models import _explain_load_failure
 
         raise DiaBloError(_explain_load_failure(recipe.base_model, source, err)) from None
     try:
@@ -95,7 +95,7 @@ def _planned_quantization(recipe: Recipe, config) -> dict[str, Any] | None:
 def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2) -> None:
     """Show what `train` would do — the resolved recipe, the parameter report on a weightless copy of the
     model, a memory estimate, and tokenised examples with the supervised tokens visible — and stop."""
-    from .data import describe_supervision, prepare_data
+    from ..data import describe_supervision, prepare_data
 
     console = console or Console()
     tokenizer = show_plan(recipe, console)

@@ -6,7 +6,6 @@ part built in setup.py or here.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -24,17 +23,14 @@ from ..checkpoint import (
     last_good_checkpoint,
     load_checkpoint,
 )
+from ..data import DataCollator, prepare_data
 from ..distributed import (
     accelerator_on_cpu,
-    configure_sharding,
     gather_trainable,
     is_sharded,
     load_full_optimizer_state,
-    sharding_engine,
 )
 from ..errors import DiaBloError
-from ..models import load_base_model
-from ..quantize.trainable import prepare_quantized_training
 from ..recipe import Recipe
 from ..report import format_metric, plot_loss_curve, spinner
 from ..run_folder import (
@@ -50,7 +46,7 @@ from ..run_folder import (
 from ..tracking import MetricsLog, read_metrics
 from .evals import run_eval_tasks
 from .loop import Loop, stop_on_signals
-from .setup import attach_adapter, build_scheduler, optimizer_class, print_dtype
+from .setup import build_optimizer, load_and_attach, optimizer_class, plan_steps, start_processes
 
 
 @dataclass
@@ -103,117 +99,37 @@ def train(
 def _train_in_folder(
     recipe: Recipe, resume: str | None, console: Console, accelerator, optimizer_cls, optimizer_kwargs, folder
 ) -> TrainResult:
-    """``train`` once the main process holds the output folder (``folder``; None on the other processes)."""
-    from accelerate.utils import set_seed
-
-    training = recipe.training
-    main = accelerator.is_main_process
-    engine = sharding_engine(accelerator)
-    if training.divergence.action == "rollback" and is_sharded(engine):
-        raise DiaBloError(
-            f"training.divergence.action: rollback restores weights in place, which is not safe while {engine} shards "
-            "them; use action: stop (the run still stops on divergence), or train in one process or with DDP"
-        )
+    """``train`` once the main process holds the output folder (``folder``; None on the other processes): the
+    recipe's story, each part built in setup.py, run in loop.py, or written below."""
+    main, processes = accelerator.is_main_process, accelerator.num_processes
+    say = console if main else None  # one process reports
     output_dir = Path(recipe.output.dir)
-    if not main:  # one process reports; the others would repeat every loading bar and warning
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-    accelerator.wait_for_everyone()
-    set_seed(training.seed, device_specific=True)  # rank 0 keeps the seed; other ranks draw their own dropout
-
-    model, tokenizer = load_base_model(
-        recipe.base_model,
-        dtype=recipe.model.dtype,
-        on_dtype=(lambda choice: print_dtype(console, choice)) if main else None,
-        trust_remote_code=recipe.model.trust_remote_code,
-        revision=recipe.model.revision,
-        attn_implementation=recipe.model.attn_implementation,
-        quantization=recipe.model.quantization,
-        device=accelerator.device,
-    )
-    quantized = prepare_quantized_training(model)  # before any forward pass: see quantize/trainable.py
-    if main and quantized is not None:
-        console.print(f"base: {quantized.describe()}")
-    method, model, report = attach_adapter(recipe, model, console if main else None)
-    if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    sharding_notes = configure_sharding(
-        accelerator,
-        model,
-        micro_batch_size=training.micro_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        max_grad_norm=training.max_grad_norm,
-    )
-    if main:
-        for line in sharding_notes:
-            console.print(line)
-    resume_notes: list[str] = []
-    checkpoint = find_checkpoint(output_dir, resume, resume_notes) if resume is not None else None
-    for line in resume_notes if main else []:
-        console.print(f"[yellow]warning:[/] {line}")
+    engine = start_processes(recipe, accelerator)
+    method, model, tokenizer, report = load_and_attach(recipe, accelerator, say)
+    checkpoint = _checkpoint_to_resume(output_dir, resume, say)
     if checkpoint is not None:  # the weights go in before accelerate shards them; the optimizer's state after
         method.restore(model, checkpoint)
-
-    from .data import DataCollator, prepare_data
-
-    with spinner(console, "preparing data") if main else nullcontext():
-        data = prepare_data(recipe.data, tokenizer, seed=training.seed)
-    if main:
-        _print_data_stats(console, data.stats, recipe)
+    data = _prepare_data(recipe, tokenizer, say)
     collator = DataCollator(pad_token_id=tokenizer.pad_token_id)
-
-    processes = accelerator.num_processes
-    batches_per_epoch = math.ceil(len(data.train) / (training.micro_batch_size * processes))  # per process
-    steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
-    warmup = training.warmup_steps or math.ceil(training.warmup_ratio * total_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer_cls([{"params": trainable, "weight_decay": training.weight_decay}], **optimizer_kwargs)
-    scheduler = build_scheduler(optimizer, recipe.training.lr_scheduler, warmup, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
+    steps = plan_steps(recipe.training, len(data.train), processes)
+    model, optimizer, scheduler = build_optimizer(recipe, accelerator, model, optimizer_cls, optimizer_kwargs, steps)
     state = TrainerState(recipe=recipe.model_dump(mode="json"), data_fingerprint=data.train._fingerprint)
     if checkpoint is not None:
-        state = load_checkpoint(
-            checkpoint,
-            lambda saved: load_full_optimizer_state(accelerator, model, optimizer, engine, saved),
-            scheduler,
-            rank=accelerator.process_index,
-        )
-        if main:
-            _warn_on_resume_differences(console, state, recipe, data.train._fingerprint, checkpoint)
-        state.recipe = recipe.model_dump(mode="json")
+        state = _resume_state(recipe, checkpoint, accelerator, model, optimizer, scheduler, engine, data, say)
 
-    eval_before: dict[str, float] = {}
     eval_tasks = recipe.eval.tasks if not is_sharded(engine) else []
     if recipe.eval.tasks and not eval_tasks and main:
         console.print(
             f"eval: the model is sharded over {processes} processes under {engine}, and generation runs on one; "
             f"score the saved {method.deliverable} with diablo eval afterwards"
         )
+    eval_before: dict[str, float] = {}
     if eval_tasks and recipe.eval.compare_base and resume is None and main:
         eval_before = run_eval_tasks(recipe, accelerator.unwrap_model(model), tokenizer, console, label="base")
 
-    metrics = None
+    metrics = _open_metrics(recipe, state, resume) if main else None
     if main:
-        write_text_atomic(output_dir / RECIPE_FILE, recipe.to_yaml())
-        metrics = MetricsLog(
-            output_dir,
-            tensorboard=recipe.logging.tensorboard,
-            wandb=recipe.logging.wandb,
-            wandb_project=recipe.logging.wandb_project,
-            run_config=recipe.model_dump(mode="json"),
-            resume_step=state.global_step if resume is not None else None,
-        )
-        console.print(
-            f"training {total_steps} steps ({steps_per_epoch} per epoch): global batch "
-            f"{training.micro_batch_size} × {training.gradient_accumulation_steps} accumulation × {processes} "
-            f"process(es) = {training.micro_batch_size * training.gradient_accumulation_steps * processes} examples"
-        )
-
+        console.print(steps.describe(recipe.training, processes))
     loop = Loop(
         recipe,
         method,
@@ -226,14 +142,14 @@ def _train_in_folder(
         state,
         metrics,
         output_dir,
-        batches_per_epoch,
+        steps.batches_per_epoch,
         engine,
-        console=console if main else None,
+        console=say,
     )
     started = time.perf_counter()
     try:
         with stop_on_signals() as stop_flag:
-            loop.run(total_steps, stop_flag, console if main and recipe.logging.progress else None)
+            loop.run(steps.total_steps, stop_flag, console if main and recipe.logging.progress else None)
     finally:
         if metrics is not None:
             metrics.close()
@@ -243,14 +159,7 @@ def _train_in_folder(
     gathered = gather_trainable(accelerator, model, engine) if is_sharded(engine) else None  # every rank takes part
     eval_after: dict[str, float] = {}
     if main:
-        try:
-            method.save(unwrapped, output_dir, base_model=recipe.base_model, tensors=gathered)
-            if recipe.output.save_tokenizer:
-                save_pretrained_into(tokenizer, output_dir, prefix=".tokenizer-")
-        finally:  # even cut short, what was written is diablo's
-            folder.record_written()
-        folder.saved = True
-        plot_loss_curve(read_metrics(output_dir / METRICS_FILE), output_dir / LOSS_PLOT, title=_plot_title(recipe))
+        _save_deliverable(recipe, method, unwrapped, tokenizer, gathered, folder)
         if eval_tasks:
             eval_after = run_eval_tasks(recipe, unwrapped, tokenizer, console, label="fine-tuned")
     accelerator.wait_for_everyone()
@@ -262,6 +171,69 @@ def _train_in_folder(
         _write_summary(result, report, data.stats)
         _print_result(console, result, method.deliverable)
     return result
+
+
+def _checkpoint_to_resume(output_dir: Path, resume: str | None, console: Console | None) -> Path | None:
+    """The checkpoint ``--resume`` names (``latest``: the newest intact one), warning of damaged ones skipped."""
+    if resume is None:
+        return None
+    notes: list[str] = []
+    checkpoint = find_checkpoint(output_dir, resume, notes)
+    for line in notes if console is not None else []:
+        console.print(f"[yellow]warning:[/] {line}")
+    return checkpoint
+
+
+def _prepare_data(recipe: Recipe, tokenizer, console: Console | None):
+    with spinner(console, "preparing data") if console is not None else nullcontext():
+        data = prepare_data(recipe.data, tokenizer, seed=recipe.training.seed)
+    if console is not None:
+        _print_data_stats(console, data.stats, recipe)
+    return data
+
+
+def _resume_state(
+    recipe: Recipe, checkpoint: Path, accelerator, model, optimizer, scheduler, engine: str, data, console
+) -> TrainerState:
+    """The checkpoint's optimizer, schedule and RNG states back in place, and its trainer state, now carrying
+    this run's recipe (the differences from the saved one are warned of)."""
+    state = load_checkpoint(
+        checkpoint,
+        lambda saved: load_full_optimizer_state(accelerator, model, optimizer, engine, saved),
+        scheduler,
+        rank=accelerator.process_index,
+    )
+    if console is not None:
+        _warn_on_resume_differences(console, state, recipe, data.train._fingerprint, checkpoint)
+    state.recipe = recipe.model_dump(mode="json")
+    return state
+
+
+def _open_metrics(recipe: Recipe, state: TrainerState, resume: str | None) -> MetricsLog:
+    """The run's recipe on disk, and its metrics log (rewound to the checkpoint's step on a resume)."""
+    output_dir = Path(recipe.output.dir)
+    write_text_atomic(output_dir / RECIPE_FILE, recipe.to_yaml())
+    return MetricsLog(
+        output_dir,
+        tensorboard=recipe.logging.tensorboard,
+        wandb=recipe.logging.wandb,
+        wandb_project=recipe.logging.wandb_project,
+        run_config=recipe.model_dump(mode="json"),
+        resume_step=state.global_step if resume is not None else None,
+    )
+
+
+def _save_deliverable(recipe: Recipe, method, model, tokenizer, tensors, folder: RunFolder) -> None:
+    """The method's deliverable (and the tokenizer) into the run folder, recorded as diablo's, then the loss plot."""
+    output_dir = Path(recipe.output.dir)
+    try:
+        method.save(model, output_dir, base_model=recipe.base_model, tensors=tensors)
+        if recipe.output.save_tokenizer:
+            save_pretrained_into(tokenizer, output_dir, prefix=".tokenizer-")
+    finally:  # even cut short, what was written is diablo's
+        folder.record_written()
+    folder.saved = True
+    plot_loss_curve(read_metrics(output_dir / METRICS_FILE), output_dir / LOSS_PLOT, title=_plot_title(recipe))
 
 
 def _after_disk_fault(recipe: Recipe, code: int) -> str:

@@ -61,7 +61,9 @@ TOKENIZER_FILES = (  # what save_pretrained writes for a tokenizer (output.save_
 )
 
 TRAIN, MERGE, QUANTIZE = "train", "merge", "quantize"
-RUN_FILES = (RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHECKPOINTS, "tensorboard", "wandb")
+TENSORBOARD_DIR = "tensorboard"  # logging.tensorboard's event files
+WANDB_DIR = "wandb"  # logging.wandb's local run files (wandb names it inside the folder it is given)
+RUN_FILES = (RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHECKPOINTS, TENSORBOARD_DIR, WANDB_DIR)
 """What a train run always writes, whatever its method: a marked run folder owns these names."""
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

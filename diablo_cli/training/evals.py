@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from ..distributed import is_sharded
 from ..evaluate.runner import (
     EvalResult,
     EvalSettings,
@@ -46,3 +47,16 @@ def run_eval_tasks(recipe: Recipe, model, tokenizer, console: Console, *, label:
             f"{int(row[spec.name]['n'])} held-out examples ({result.seconds[f'{label}/{spec.name}']:.0f}s){sample}"
         )
     return scores
+
+
+def tasks_to_score(recipe: Recipe, engine: str, processes: int, deliverable: str, console: Console | None) -> list:
+    """The recipe's eval tasks this run can score itself: none while an engine shards the model (generation runs
+    in one process), which ``console`` hears about."""
+    if not is_sharded(engine):
+        return recipe.eval.tasks
+    if recipe.eval.tasks and console is not None:
+        console.print(
+            f"eval: the model is sharded over {processes} processes under {engine}, and generation runs on one; "
+            f"score the saved {deliverable} with diablo eval afterwards"
+        )
+    return []

@@ -44,7 +44,7 @@ from ..run_folder import (
     newest_intact_checkpoint,
 )
 from ..tracking import MetricsLog, read_metrics
-from .evals import run_eval_tasks
+from .evals import run_eval_tasks, tasks_to_score
 from .loop import Loop, stop_on_signals
 from .setup import build_optimizer, load_and_attach, optimizer_class, plan_steps, start_processes
 
@@ -117,12 +117,7 @@ def _train_in_folder(
     if checkpoint is not None:
         state = _resume_state(recipe, checkpoint, accelerator, model, optimizer, scheduler, engine, data, say)
 
-    eval_tasks = recipe.eval.tasks if not is_sharded(engine) else []
-    if recipe.eval.tasks and not eval_tasks and main:
-        console.print(
-            f"eval: the model is sharded over {processes} processes under {engine}, and generation runs on one; "
-            f"score the saved {method.deliverable} with diablo eval afterwards"
-        )
+    eval_tasks = tasks_to_score(recipe, engine, processes, method.deliverable, say)
     eval_before: dict[str, float] = {}
     if eval_tasks and recipe.eval.compare_base and resume is None and main:
         eval_before = run_eval_tasks(recipe, accelerator.unwrap_model(model), tokenizer, console, label="base")

@@ -262,3 +262,12 @@ class TrainableGroup:
     tensors: int
     shapes: list[str]  # distinct shapes, as "in×out"
     parameters: int
+
+
+@dataclass
+class SupervisedRun:
+    """Consecutive tokens of a training row that are all supervised or all masked, decoded."""
+
+    example: int  # which packed example they belong to (0 when the row holds one)
+    supervised: bool
+    text: str

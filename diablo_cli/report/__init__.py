@@ -6,6 +6,7 @@ from .progress import row_progress, spinner, step_display, task_progress, traini
 from .tables import (
     PERCENT_METRICS,
     cleaned_line,
+    describe_supervision,
     eval_table,
     format_metric,
     iter_metric_cells,
@@ -21,6 +22,7 @@ __all__ = [
     "PERCENT_METRICS",
     "adapter_inspection_view",
     "cleaned_line",
+    "describe_supervision",
     "eval_table",
     "format_metric",
     "iter_metric_cells",

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from ..atomic import atomic_path
 from ..records import (
     MergeReport,
     ParameterReport,
     QuantizeReport,
+    SupervisedRun,
     TrainableGroup,
 )
 
@@ -248,3 +250,20 @@ PERCENT_METRICS = ("accuracy", "acc", "acc_norm", "exact_match", "refusal_rate",
 def format_metric(metric: str, value: float) -> str:
     """A score as people read it: shares as percentages, correlations and losses as plain numbers."""
     return f"{value:.1%}" if metric.startswith(PERCENT_METRICS) else f"{value:.4g}"
+
+
+SUPERVISED_STYLE = "bold green"
+MASKED_STYLE = "dim"
+
+
+def describe_supervision(runs: list[SupervisedRun]) -> Text:
+    """A training row as the dry run shows it: supervised tokens bold green, masked ones dim, packed examples on
+    separate lines."""
+    text = Text()
+    previous_example = 0
+    for run in runs:
+        if run.example != previous_example:
+            text.append("\n── next example ──\n", style="italic cyan")
+            previous_example = run.example
+        text.append(run.text, style=SUPERVISED_STYLE if run.supervised else MASKED_STYLE)
+    return text

@@ -9,6 +9,7 @@ from rich.console import Console
 from ..errors import DiaBloError
 from ..models import base_quantization
 from ..recipe import Recipe
+from ..report import describe_supervision
 from .setup import attach_adapter, print_dtype
 
 
@@ -95,7 +96,7 @@ def _planned_quantization(recipe: Recipe, config) -> dict[str, Any] | None:
 def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2) -> None:
     """Show what `train` would do — the resolved recipe, the parameter report on a weightless copy of the
     model, a memory estimate, and tokenised examples with the supervised tokens visible — and stop."""
-    from ..data import describe_supervision, prepare_data
+    from ..data import prepare_data, supervision_runs
 
     console = console or Console()
     tokenizer = show_plan(recipe, console)
@@ -109,4 +110,4 @@ def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2
     data = prepare_data(sample, tokenizer, seed=recipe.training.seed)
     for index in range(min(examples, len(data.train))):
         console.rule(f"example {index + 1}: [bold green]supervised[/] / [dim]masked[/]")
-        console.print(describe_supervision(tokenizer, data.train[index]))
+        console.print(describe_supervision(supervision_runs(tokenizer, data.train[index])))

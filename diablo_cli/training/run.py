@@ -23,7 +23,6 @@ from ..checkpoint import (
     last_good_checkpoint,
     load_checkpoint,
 )
-from ..data import DataCollator, prepare_data
 from ..distributed import (
     accelerator_on_cpu,
     gather_trainable,
@@ -109,8 +108,7 @@ def _train_in_folder(
     checkpoint = _checkpoint_to_resume(output_dir, resume, say)
     if checkpoint is not None:  # the weights go in before accelerate shards them; the optimizer's state after
         method.restore(model, checkpoint)
-    data = _prepare_data(recipe, tokenizer, say)
-    collator = DataCollator(pad_token_id=tokenizer.pad_token_id)
+    data, collator = _prepare_data(recipe, tokenizer, say)
     steps = plan_steps(recipe.training, len(data.train), processes)
     model, optimizer, scheduler = build_optimizer(recipe, accelerator, model, optimizer_cls, optimizer_kwargs, steps)
     state = TrainerState(recipe=recipe.model_dump(mode="json"), data_fingerprint=data.train._fingerprint)
@@ -180,11 +178,14 @@ def _checkpoint_to_resume(output_dir: Path, resume: str | None, console: Console
 
 
 def _prepare_data(recipe: Recipe, tokenizer, console: Console | None):
+    """The recipe's data, tokenised and masked, and the collator that pads its batches."""
+    from ..data import DataCollator, prepare_data  # datasets loads here, not when `diablo inspect` shows a plan
+
     with spinner(console, "preparing data") if console is not None else nullcontext():
         data = prepare_data(recipe.data, tokenizer, seed=recipe.training.seed)
     if console is not None:
         _print_data_stats(console, data.stats, recipe)
-    return data
+    return data, DataCollator(pad_token_id=tokenizer.pad_token_id)
 
 
 def _resume_state(

@@ -133,6 +133,7 @@ def inspect_model(
         "adapter_dtype": "float32",
         "quantization": quantization,
     }
+    from .loss import held_logit_rows
     from .memory import QUANTIZED_BITS, compare_adapter_memory
 
     if quantization not in QUANTIZED_BITS:
@@ -151,6 +152,7 @@ def inspect_model(
         quantization=quantization,
         batch=batch,
         seq_len=seq_len,
+        logits_rows=held_logit_rows(config),
     )
     inspection.memory = [
         {**asdict(row), "total": row.total, "checkpointed_total": row.checkpointed_total} for row in rows

@@ -2,7 +2,8 @@
 
 Weights at their dtype; the adapter in its dtype with its gradient and AdamW's two fp32 moments;
 activations per the usual transformer accounting (Korthikanti et al. 2022: about 34·h + 5·a·s bytes
-per token per layer at 16-bit, only the layer inputs when checkpointing), plus the fp32 logits.
+per token per layer at 16-bit, only the layer inputs when checkpointing), plus the fp32 logits and their
+gradient: of every token under the dense loss, of one slice of rows under the chunked one (loss.py).
 `diablo inspect` will refine it; here it is a sanity check, and says so.
 """
 
@@ -43,7 +44,9 @@ def estimate_training_memory(
     batch: int,
     seq_len: int,
     gradient_checkpointing: bool,
+    logits_rows: int | None = None,
 ) -> MemoryEstimate:
+    """``logits_rows``: the rows of logits the loss holds at once (None: every token's, the dense loss)."""
     hidden = config.hidden_size
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
@@ -59,7 +62,7 @@ def estimate_training_memory(
         weights=base_parameters * act_bytes,
         adapter_and_optimizer=trainable_parameters * (2 * adapter_bytes + 8),
         activations=activations,
-        logits=2 * tokens * config.vocab_size * 4,
+        logits=2 * min(tokens, logits_rows or tokens) * config.vocab_size * 4,
     )
 
 
@@ -124,10 +127,12 @@ def compare_adapter_memory(
     quantization: str,
     batch: int,
     seq_len: int,
+    logits_rows: int | None = None,
 ) -> list[AdapterMemory]:
     """DiaBlo and LoRA (rank ``lora_rank``) on the same layers, same base, same batch: the parts that differ are
     the trainable count and what each adapter saves for backward (DiaBlo: its input in the adapter dtype;
-    LoRA: its input and ``x·A``). ``targeted`` lists (in_features, out_features, layer count) per kind.
+    LoRA: its input and ``x·A``); ``logits_rows`` as in estimate_training_memory. ``targeted`` lists
+    (in_features, out_features, layer count) per kind.
     ``linear_parameters`` are the weights a quantization method packs (``quantization`` in QUANTIZED_BITS)."""
     if quantization not in QUANTIZED_BITS:
         raise ValueError(f"quantization {quantization!r}: one of {', '.join(QUANTIZED_BITS)}")
@@ -141,6 +146,7 @@ def compare_adapter_memory(
             batch=batch,
             seq_len=seq_len,
             gradient_checkpointing=checkpointing,
+            logits_rows=logits_rows,
         )
         for checkpointing in (False, True)
     )

@@ -206,6 +206,7 @@ class TrainingSection(_Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    loss: Literal["auto", "dense", "chunked", "cce", "liger"] = "auto"  # loss.py: auto = chunked where it fits
     seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)

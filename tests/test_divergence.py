@@ -35,19 +35,19 @@ RULE = DivergenceSection().rule()  # the defaults a recipe gets
 def poison_losses(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float]) -> None:
     """Multiply the loss of the n-th training forward pass (counted from 1; validation passes do not count) by
     ``factor(n)``: a loss that explodes, or turns NaN, exactly when a test says."""
-    import torch.nn.functional as F
+    from diablo_cli.loss import LossPath
 
-    real_cross_entropy = F.cross_entropy
+    real_loss = LossPath.loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        loss = real_cross_entropy(*args, **kwargs)
+        loss = real_loss(*args, **kwargs)
         if not torch.is_grad_enabled():
             return loss
         calls["n"] += 1
         return loss * factor(calls["n"])
 
-    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    monkeypatch.setattr(LossPath, "loss", poisoned)
 
 
 def run(tmp_path: Path, *overrides: str, resume: str | None = None, name: str = "run", console: Console | None = None):

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..loss import IGNORE_INDEX, sequence_logprobs
+
 
 def continuation_logprobs(
     model,
@@ -26,7 +28,9 @@ def continuation_logprobs(
 
     A continuation is tokenised on its own (no special tokens) and appended to the prompt's ids, so the prompt
     is exactly the generation prompt. Decoder-only models score all (prompt, choice) pairs in right-padded
-    batches; encoder-decoder models take the prompt as encoder input and the choice as decoder labels.
+    batches (through loss.sequence_logprobs: only the choice's positions reach the output layer, never a
+    batch's full logits); encoder-decoder models take the prompt as encoder input and the choice as decoder
+    labels.
     """
     pairs = [(p, c) for p, choices in enumerate(continuations) for c in range(len(choices))]
     scores: list[list[float]] = [[0.0] * len(choices) for choices in continuations]
@@ -62,19 +66,13 @@ def _causal_scores(model, prompts: list[list[int]], targets: list[list[int]], pa
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-    device = model.device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    values = []
+    labels = torch.full_like(ids, IGNORE_INDEX)  # only the continuation's tokens are scored
     for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-        # The token at position i is predicted by the logits at i - 1.
-        positions = torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1, device=device)
-        chosen = torch.tensor(target, device=device)
-        values.append(float(logprobs[row, positions, chosen].sum()))
-    return values
+        ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        mask[row, : len(prompt) + len(target)] = 1
+        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    device = model.device
+    return sequence_logprobs(model, ids.to(device), mask.to(device), labels.to(device)).tolist()
 
 
 def _seq2seq_scores(model, prompts: list[list[int]], targets: list[list[int]], pad: int) -> list[float]:

@@ -38,6 +38,7 @@ from ..distributed import (
 from ..divergence import CheckpointHealth, Strike, Watchdog
 from ..errors import DiaBloError, TrainingStopped
 from ..interrupts import Interrupted
+from ..loss import LossPath
 from ..methods import TrainingMethod
 from ..report import step_display, training_progress
 from ..tracking import memory_in_use
@@ -60,12 +61,14 @@ class Loop:
         metrics,
         output_dir,
         batches_per_epoch,
-        engine: str = "none",
+        engine: str,
+        loss_path: LossPath,
         *,
         console: Console | None = None,
     ):
         self.recipe, self.training, self.method = recipe, recipe.training, method
         self.engine = engine  # distributed.sharding_engine: how backward, clipping and checkpoints go
+        self.loss_path = loss_path  # how a micro-batch's loss is computed (loss.py): the same for validation
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.data, self.collator, self.state, self.metrics, self.output_dir = data, collator, state, metrics, output_dir
         self.tokens_this_session = 0
@@ -171,7 +174,7 @@ class Loop:
             with nullcontext() if last else accelerator.no_sync(model):
                 # Sum of token losses / supervised tokens of the whole window on all processes; DDP then
                 # averages gradients over processes, which the factor undoes.
-                loss = model(**batch, num_items_in_batch=supervised_all, use_cache=False).loss
+                loss = self.loss_path.loss(model, batch, supervised_all)
                 loss = loss * accelerator.num_processes
                 backward(accelerator, model, loss, window_end=last, engine=self.engine)
             window_loss += loss.detach().float().item() / accelerator.num_processes
@@ -239,7 +242,12 @@ class Loop:
 
     def _validate(self, step: int) -> None:
         loss = validation_loss(
-            self.accelerator, self.model, self.data.validation, self.collator, self.training.micro_batch_size
+            self.accelerator,
+            self.model,
+            self.data.validation,
+            self.collator,
+            self.training.micro_batch_size,
+            self.loss_path,
         )
         if self.metrics is not None:
             self.metrics.log({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
@@ -413,7 +421,7 @@ def _private_generator(seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def validation_loss(accelerator, model, rows, collator, batch_size: int) -> float:
+def validation_loss(accelerator, model, rows, collator, batch_size: int, loss_path: LossPath) -> float:
     """Mean loss per supervised token over the validation rows (all processes)."""
     from torch.utils.data import DataLoader
 
@@ -424,7 +432,7 @@ def validation_loss(accelerator, model, rows, collator, batch_size: int) -> floa
     for batch in loader:
         count = int((batch["labels"][..., 1:] != -100).sum())
         if count:
-            loss = model(**batch, num_items_in_batch=count, use_cache=False).loss
+            loss = loss_path.loss(model, batch, count)
             total += torch.tensor([loss.item() * count, count], device=accelerator.device, dtype=torch.float64)
     total = accelerator.reduce(total, "sum")
     model.train()

@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 
 from ..errors import DiaBloError
+from ..loss import held_logit_rows, planned_loss
 from ..models import base_quantization
 from ..recipe import Recipe
 from ..report import describe_supervision
@@ -52,6 +53,7 @@ def show_plan(recipe: Recipe, console: Console):
             **kwargs,
         )
         print_dtype(console, dtype)
+        console.print(planned_loss(config, recipe.training.loss).describe(), highlight=False)
     except DiaBloError as err:  # a plan shows what would stop the run, then goes on
         console.print(f"[bold red]would stop:[/] {err}", highlight=False, soft_wrap=True)
         dtype = choose_dtype(recipe.model.dtype, device=compute_device())
@@ -68,6 +70,7 @@ def show_plan(recipe: Recipe, console: Console):
         batch=recipe.training.micro_batch_size,
         seq_len=recipe.data.max_length,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
+        logits_rows=held_logit_rows(config, recipe.training.loss),
     )
     if packed is not None:
         estimate.weights = packed_weights_bytes(report.base, linear_parameters, dtype.name, packed_weight_bits(packed))

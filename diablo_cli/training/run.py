@@ -104,7 +104,7 @@ def _train_in_folder(
     say = console if main else None  # one process reports
     output_dir = Path(recipe.output.dir)
     engine = start_processes(recipe, accelerator)
-    method, model, tokenizer, report = load_and_attach(recipe, accelerator, say)
+    method, model, tokenizer, report, loss_path = load_and_attach(recipe, accelerator, say)
     checkpoint = _checkpoint_to_resume(output_dir, resume, say)
     if checkpoint is not None:  # the weights go in before accelerate shards them; the optimizer's state after
         method.restore(model, checkpoint)
@@ -137,6 +137,7 @@ def _train_in_folder(
         output_dir,
         steps.batches_per_epoch,
         engine,
+        loss_path,
         console=say,
     )
     started = time.perf_counter()

@@ -13,6 +13,7 @@ from rich.console import Console
 from ..adapter.budget import ParameterReport
 from ..distributed import configure_sharding, is_sharded, sharding_engine
 from ..errors import DiaBloError
+from ..loss import LossPath, choose_loss
 from ..methods import TrainingMethod, training_method
 from ..models import load_base_model
 from ..precision import DtypeChoice
@@ -99,9 +100,10 @@ def start_processes(recipe: Recipe, accelerator) -> str:
 
 def load_and_attach(
     recipe: Recipe, accelerator, console: Console | None
-) -> tuple[TrainingMethod, torch.nn.Module, Any, ParameterReport]:
-    """The base on this process's device, made trainable when quantized, with the recipe's method attached and the
-    engine's sharding configured; ``console`` (the main process's) hears what was chosen."""
+) -> tuple[TrainingMethod, torch.nn.Module, Any, ParameterReport, LossPath]:
+    """The base on this process's device, made trainable when quantized, with the recipe's method attached, its
+    loss path chosen (loss.py) and the engine's sharding configured; ``console`` (the main process's) hears what
+    was chosen."""
     training = recipe.training
     model, tokenizer = load_base_model(
         recipe.base_model,
@@ -120,6 +122,9 @@ def load_and_attach(
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    loss_path = choose_loss(model, training.loss)  # probes the model: before accelerate wraps it
+    if console is not None:
+        console.print(loss_path.choice.describe(), highlight=False)
     sharding_notes = configure_sharding(
         accelerator,
         model,
@@ -129,7 +134,7 @@ def load_and_attach(
     )
     for line in sharding_notes if console is not None else []:
         console.print(line)
-    return method, model, tokenizer, report
+    return method, model, tokenizer, report, loss_path
 
 
 @dataclass

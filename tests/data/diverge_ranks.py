@@ -9,26 +9,26 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from diablo_cli.loss import LossPath
 from diablo_cli.recipe import load_recipe
 from diablo_cli.train import train
 
 first, last, recipe_path, dump_dir, *overrides = sys.argv[1:]
-real_cross_entropy = F.cross_entropy
+real_loss = LossPath.loss
 calls = {"n": 0}
 
 
 def exploding(*args, **kwargs):
-    loss = real_cross_entropy(*args, **kwargs)
+    loss = real_loss(*args, **kwargs)
     if not torch.is_grad_enabled():
         return loss
     calls["n"] += 1
     return loss * 100.0 if int(first) <= calls["n"] <= int(last) else loss
 
 
-F.cross_entropy = exploding
+LossPath.loss = exploding
 result = train(load_recipe(recipe_path, overrides))
 weights = {name: p.detach().contiguous() for name, p in result.model.named_parameters() if p.requires_grad}
 save_file(weights, os.path.join(dump_dir, f"rank{os.environ['RANK']}.safetensors"))

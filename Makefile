@@ -19,9 +19,12 @@ setup:
 quickstart: setup
 	$(PYTHON) -m diablo_cli train configs/quickstart.yaml --overwrite
 
+# lint-imports (import-linter) checks the floors of pyproject.toml's [tool.importlinter]; called through
+# $(PYTHON) so that a virtual environment's own copy runs.
 lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest

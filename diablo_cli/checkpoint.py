@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .atomic import ordinary_permissions
 from .divergence import CheckpointHealth, WatchState
 from .errors import DiaBloError
-from .methods import TrainingMethod
 from .run_folder import (
     CHECKPOINTS,
     OPTIMIZER_FILE,
@@ -33,6 +31,7 @@ from .run_folder import (
     STATE_FILE,
     checkpoint_damage,
     checkpoint_dir,
+    checkpoint_step,
     disk_advice,
     disk_errno,
     list_checkpoints,
@@ -86,33 +85,30 @@ def last_good_checkpoint(output_dir: Path) -> tuple[Path, TrainerState] | None:
 def discard_checkpoints_after(output_dir: Path, step: int) -> None:
     """Remove the checkpoints past ``step``: after a rollback they belong to a run that no longer exists."""
     for path in reversed(list_checkpoints(output_dir)):
-        if int(path.name.removeprefix("step-")) > step:
+        if checkpoint_step(path) > step:
             remove_checkpoint(path)
 
 
 def save_checkpoint(
     output_dir: Path,
-    method: TrainingMethod,
-    model: nn.Module,
+    save_weights: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: TrainerState,
     *,
     keep: int | None,
     process_rng_states: list[dict[str, torch.Tensor]] | None = None,
-    trainable: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint of the whole run. ``process_rng_states``: every process's torch RNG states, in rank
     order (``torch_rng_states()`` on each), so that dropout resumes exactly on every rank; default this one's.
     Under a sharding engine ``trainable`` and ``optimizer_state`` are the gathered, unsharded weights and optimizer
-    state (diablo_cli.distributed), so that the checkpoint is the same as one process would write."""
+    state (diablo_cli.distributed), so that the checkpoint is the same as one process would write.
+    ``save_weights(folder)`` writes the trainable weights (the training method's deliverable) into ``folder``."""
     target = checkpoint_dir(output_dir, state.global_step)
     previous = list_checkpoints(output_dir)
     try:
-        _write_checkpoint(
-            target, method, model, optimizer, scheduler, state, process_rng_states, trainable, optimizer_state
-        )
+        _write_checkpoint(target, save_weights, optimizer, scheduler, state, process_rng_states, optimizer_state)
     except Exception as err:
         code = disk_errno(err)
         if code is None:
@@ -131,20 +127,18 @@ def save_checkpoint(
 
 def _write_checkpoint(
     target: Path,
-    method: TrainingMethod,
-    model: nn.Module,
+    save_weights: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: TrainerState,
     process_rng_states: list[dict[str, torch.Tensor]] | None,
-    trainable: dict[str, torch.Tensor] | None,
     optimizer_state: dict[str, Any] | None,
 ) -> None:
     """Everything into a hidden staging folder, then one rename: a checkpoint is whole or absent."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        method.save(model, staging, base_model=state.recipe.get("base_model"), tensors=trainable)
+        save_weights(staging)
         tensors, optimizer_meta = _flatten_optimizer(
             optimizer_state if optimizer_state is not None else optimizer.state_dict()
         )

@@ -114,8 +114,8 @@ def train(
         raise typer.Exit(code)
     with command_output("train", verbose=session.verbose) as output:
         from .recipe import load_recipe
-        from .train import dry_run as show_dry_run
-        from .train import train as run_training
+        from .training import dry_run as show_dry_run
+        from .training import train as run_training
 
         loaded = load_recipe(recipe, overrides)
         _check_base(loaded)
@@ -417,13 +417,14 @@ def inspect(
 
         from . import inspection as insp
         from .report import adapter_inspection_view, model_inspection_view, probe_table, spinner
+        from .run_folder import ADAPTER_CONFIG
         from .scaling import parse_tokens
 
         console = Console(file=log.out)
         path = Path(target)
         if path.suffix in (".yaml", ".yml"):
             from .recipe import load_recipe
-            from .train import show_plan
+            from .training import show_plan
 
             recipe = load_recipe(path)
             if as_json:
@@ -431,7 +432,7 @@ def inspect(
             else:
                 show_plan(recipe, console)
             return
-        if path.is_dir() and (path / "adapter_config.json").is_file():
+        if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
             result = insp.inspect_adapter(path)
             view = adapter_inspection_view(result)
         else:

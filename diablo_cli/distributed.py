@@ -175,6 +175,12 @@ def is_sharded(engine: str) -> bool:
     return engine not in ("none", "ddp")
 
 
+def steps_in_backward(engine: str) -> bool:
+    """Whether ``engine`` applies the optimizer step inside the window's last backward (DeepSpeed does), so that
+    a loss found non-finite afterwards has already moved the weights."""
+    return engine.startswith("deepspeed")
+
+
 def backward(accelerator, model: nn.Module, loss: torch.Tensor, *, window_end: bool, engine: str) -> None:
     """``accelerator.backward`` for one micro-batch of a window whose loss is already normalised over the window.
 

@@ -12,7 +12,7 @@ import importlib.resources
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from .errors import DiaBloError
 from .models import MODEL_ALIASES, _explain_load_failure, check_local_model, resolve_model, skeleton_model
 from .precision import AUTO, DtypeChoice, choose_dtype
 from .reading import open_safetensors
+from .records import AdapterInspection, Candidate, LayerNorm, ModelInspection, ModuleShape, ProbedModule
 
 PAPER_CONFIGS = "models/paper"
 OUTPUT_HEADS = ("lm_head", "embed_out", "output")
@@ -51,58 +52,6 @@ def load_model_config(name: str, *, trust_remote_code: bool = False, revision: s
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
         raise DiaBloError(_explain_load_failure(name, source, err)) from None
-
-
-@dataclass
-class ModuleShape:
-    """One kind of targeted layer (``q_proj``, ``down_proj``, …): its shape and how many layers have it."""
-
-    module: str
-    letters: str
-    in_features: int
-    out_features: int
-    layers: int
-
-
-@dataclass
-class Candidate:
-    """What a block count (one N, or one per module kind) costs on the targeted layers."""
-
-    blocks: int | dict[str, int]
-    trainable: int
-    percent_of_base: float
-    dead: int
-    dead_blocks: int
-    lora_rank: float  # the LoRA rank with the same budget: Σ N·d1·d2 = r · Σ (in + out)
-    block_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
-    divides: bool = True  # N divides every targeted dimension (no padding)
-    chosen: bool = False
-
-
-@dataclass
-class ModelInspection:
-    """The model's linear layers, the targeted ones, and a table of candidate block counts."""
-
-    model: str
-    architecture: str
-    base_parameters: int
-    linear_modules: list[ModuleShape]
-    targets: str | list[str]
-    layers: tuple[int, int] | None
-    targeted: list[ModuleShape]
-    candidates: list[Candidate]
-    budget: int | None = None
-    budget_source: str | None = None
-    recipe_snippet: str | None = None
-    lora_rank: int | None = None  # the equal-budget LoRA baseline, once N is chosen
-    lora_snippet: str | None = None
-    memory_settings: dict[str, Any] = field(default_factory=dict)
-    memory: list[dict[str, Any]] = field(default_factory=list)  # bytes by part, DiaBlo then LoRA
-    probe: list[dict[str, Any]] = field(default_factory=list)  # ProbedModule rows, with --probe
-    scaling: dict[str, Any] = field(default_factory=dict)  # scaling.ScalingEstimate of the DiaBlo choice
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def inspect_model(
@@ -468,38 +417,6 @@ def known_models() -> list[str]:
     return [name for name in MODEL_ALIASES if packaged_config(name) is not None]
 
 
-@dataclass
-class LayerNorm:
-    """How far one adapted layer moved: the Frobenius norm of its blocks (zero at initialisation)."""
-
-    module: str
-    blocks: int
-    parameters: int
-    norm: float
-
-    @property
-    def rms(self) -> float:
-        """Norm per entry: comparable across layers of different sizes."""
-        return self.norm / math.sqrt(self.parameters) if self.parameters else 0.0
-
-
-@dataclass
-class AdapterInspection:
-    """An adapter folder's recorded settings, its size, and which layers its training moved most."""
-
-    path: str
-    base_model: str | None
-    config: dict[str, Any] | None
-    adapter_dtype: Any
-    parameters: int
-    bytes_on_disk: int
-    layers: list[LayerNorm]
-    by_module: dict[str, dict[str, float]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def inspect_adapter(path: str | Path) -> AdapterInspection:
     """Read an adapter folder (one tensor at a time) and measure each layer's block norm."""
     from .adapter import read_adapter_config
@@ -554,23 +471,6 @@ def theorem2_blocks(m1: int, m2: int, r1: int, r2: int) -> int | None:
     """The largest common factor N of ``m1`` and ``m2`` with ``N ≥ ⌈r1·N/m1⌉·⌈r2·N/m2⌉`` (paper Theorem 2)."""
     fitting = [n for n in common_divisors([m1, m2]) if n >= math.ceil(r1 * n / m1) * math.ceil(r2 * n / m2)]
     return max(fitting) if fitting else None
-
-
-@dataclass
-class ProbedModule:
-    """Effective ranks of one module kind's inputs (r1) and output gradients (r2), and what Theorem 2 allows."""
-
-    module: str
-    in_features: int
-    out_features: int
-    layers: int
-    rows: int  # b: tokens per probed batch
-    r1_mean: float
-    r1_max: int
-    r2_mean: float
-    r2_max: int
-    largest_n: int | None  # with the largest ranks seen, so the condition holds for every probed layer
-    approximate_bound: float  # m1·m2 / (r1·r2), the paper's ceiling-free form
 
 
 def probe_theorem2(

@@ -18,15 +18,13 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from ._version import __version__
 from .adapter import load_adapter, merge_diablo, read_adapter_config
 from .adapter.files import DAMAGED_ADAPTER_ADVICE, WEIGHTS_FILE, check_against_base
 from .adapter.layer import ADAPTER_PARAMETER, BlockLayout, dense_update, is_conv1d
@@ -39,6 +37,7 @@ from .methods import (
     recorded_base,
     saved_adapter_disabled,
 )
+from .model_card import MODEL_CARD, write_model_card
 from .models import (
     DAMAGED_MODEL_ADVICE,
     TORCH_DTYPES,
@@ -49,27 +48,15 @@ from .models import (
     skeleton_model,
 )
 from .reading import open_safetensors, read_json_object
-from .run_folder import MERGE, ModelOutput, check_model_output
+from .records import MergeReport, Progress, Verification
+from .run_folder import ADAPTER_CONFIG, MERGE, TOKENIZER_CONFIG, TOKENIZER_FILES, ModelOutput, check_model_output
 
 log = logging.getLogger("diablo_cli")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
-_NOT_COPIED = {INDEX_FILE, "adapter_config.json", "README.md"}
+_NOT_COPIED = {INDEX_FILE, ADAPTER_CONFIG, MODEL_CARD}
 
 # Largest accepted |merged − (base+adapter)| over max |logit| of base+adapter on the probe batch, both run
 # in fp32. Merging rounds each weight once to the output dtype, so that is all the difference should be;
@@ -79,49 +66,6 @@ _NOT_COPIED = {INDEX_FILE, "adapter_config.json", "README.md"}
 # in bf16 or fp16 the check catches wiring errors, and only an fp32 merge can resolve a single block.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 PROBE_SHAPE = (2, 32)
-
-ProgressCallback = Callable[[str, int, "int | None"], None]
-"""Called with (phase, done, total) as the merge goes; total is None for a phase of unknown length."""
-
-
-@dataclass
-class Verification:
-    """How closely the merged model reproduces base+adapter on a probe batch of token ids."""
-
-    max_abs: float
-    max_relative: float
-    adapter_effect: float  # max |logit change| the adapter makes over the bare base: 0 means a no-op
-    tolerance: float
-    tokens: int
-    rounding_floor: float = 0.0  # relative logit change from rounding the bare base to the output dtype
-
-    @property
-    def passed(self) -> bool:
-        return self.max_relative <= self.tolerance
-
-
-@dataclass
-class MergeReport:
-    """What a merge did, for the CLI's summary and for Python callers."""
-
-    output_dir: Path
-    base: str
-    base_dir: Path
-    dtype: str
-    adapted_weights: int = 0
-    changed_weights: int = 0
-    changed_values: int = 0
-    adapted_values: int = 0  # weight entries the diagonal blocks cover (padding excluded)
-    tensors: int = 0
-    shards: int = 0
-    bytes_written: int = 0
-    untied: list[str] = field(default_factory=list)
-    dequantized: str | None = None
-    dequantization_gap: float | None = None  # max |logit change| from dequantizing a quantized base
-    verification: Verification | None = None
-    seconds: float = 0.0
-    peak_rss_bytes: int = 0
-    cleaned: list[str] = field(default_factory=list)  # what interrupted merges left beside the output: removed
 
 
 def merge_adapter(
@@ -135,7 +79,7 @@ def merge_adapter(
     overwrite: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> MergeReport:
     """Merge the adapter in ``adapter_dir`` into its base and write a Hugging Face model to ``output_dir``.
 
@@ -278,7 +222,7 @@ def stream_merge(
     shard_limit: int,
     report: MergeReport,
     *,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Read the base one tensor at a time, add the blocks where they belong, and write output shards of at
     most ``shard_limit`` bytes (a single tensor larger than that gets a shard of its own)."""
@@ -529,53 +473,6 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def write_model_card(out: Path, report: MergeReport, adapter_dir: Path, document: dict[str, Any]) -> None:
-    """A short README.md naming the base, the adapter and the block settings, for whoever finds the folder."""
-    config = document.get("config") or {}
-    check = report.verification
-    peft = "peft_type" in document  # a `type: lora | dora` run
-    kind = ("DoRA" if document.get("use_dora") else document["peft_type"]) if peft else "DiaBlo"
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [diablo, merged]",
-        f"base_model: {report.base}",
-        "---",
-        "",
-        f"# {report.output_dir.name}",
-        "",
-        f"{report.base} with a {kind} adapter merged into its weights by diablo-cli {__version__}: an ordinary",
-        "transformers model, no diablo-cli needed to load it.",
-        "",
-        f"- base model: `{report.base}`",
-    ]
-    if peft:
-        lines += [
-            f"- adapter: `{adapter_dir}` (PEFT {kind}, r={document.get('r')}, alpha={document.get('lora_alpha')})",
-            f"- {len(document.get('target_modules') or [])} adapted layers; merged in fp32 by PEFT, saved as "
-            f"{report.dtype}",
-        ]
-    else:
-        lines += [
-            f"- adapter: `{adapter_dir}` (id `{document.get('adapter_id')}`, {document.get('parameters', 0):,} "
-            "parameters)",
-            f"- blocks: N={config.get('blocks')}, target modules `{config.get('target_modules')}`"
-            + (f", per module {config['blocks_by_module']}" if config.get("blocks_by_module") else "")
-            + (f", layers {config['layers']}" if config.get("layers") else ""),
-            f"- {len(document.get('modules', {}))} adapted layers; merged in fp32 and saved as {report.dtype}",
-        ]
-    if report.dequantized:
-        lines.append(
-            f"- the quantized base was dequantized first ({report.dequantized}): this is a full-precision model"
-        )
-    if check is not None:
-        lines.append(
-            f"- verified: max |logit difference| to base+adapter {check.max_abs:.3g} "
-            f"(relative {check.max_relative:.1e}) on {check.tokens} probe tokens"
-        )
-    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -648,7 +545,7 @@ def _write_config(config: dict[str, Any], out: Path, dtype: torch.dtype, *, unti
 def _copy_side_files(base_dir: Path, adapter_dir: Path, out: Path) -> None:
     """The base's small files (generation config, tokenizer, custom code), then the adapter's tokenizer if it
     saved one: a tokenizer is taken whole from one place, never mixed."""
-    adapter_has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    adapter_has_tokenizer = (adapter_dir / TOKENIZER_CONFIG).is_file()
     for path in sorted(base_dir.iterdir()):
         name = path.name
         if not path.is_file() or name in _NOT_COPIED or (out / name).exists() or not name.endswith(_COPIED_SUFFIXES):

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.table import Table
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,11 +29,12 @@ from .errors import AdapterSettingError, DiaBloError
 from .models import captured_output, require_extra
 from .reading import open_safetensors
 from .recipe import AdapterSection, DiaBloAdapter, FullAdapter, LoraAdapter
-from .report import parameter_table
+from .records import TrainableGroup
+from .run_folder import ADAPTER_WEIGHTS, read_saved_recipe
 
 logger = logging.getLogger(__name__)
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS = ADAPTER_WEIGHTS  # PEFT names its weights as DiaBlo does
 
 
 class TrainingMethod:
@@ -49,8 +49,9 @@ class TrainingMethod:
     def report(self, model: nn.Module) -> ParameterReport:
         return _count_parameters(model)
 
-    def table(self, model: nn.Module, title: str) -> Table:
-        return _trainable_table(model, self.report(model), title)
+    def trainable_groups(self, model: nn.Module) -> list[TrainableGroup] | None:
+        """The trainable tensors by kind, for the parameter table; None where ``report``'s rows say it by module."""
+        return trainable_groups(model)
 
     def notes(self, model: nn.Module) -> list[str]:
         """Lines printed under the parameter table."""
@@ -83,8 +84,8 @@ class DiaBloMethod(TrainingMethod):
     def report(self, model: nn.Module) -> ParameterReport:
         return parameter_report(model)
 
-    def table(self, model: nn.Module, title: str) -> Table:
-        return parameter_table(self.report(model), title=title)
+    def trainable_groups(self, model: nn.Module) -> list[TrainableGroup] | None:
+        return None
 
     def notes(self, model: nn.Module) -> list[str]:
         return [describe_kernel(model)]
@@ -243,25 +244,21 @@ def _count_parameters(model: nn.Module) -> ParameterReport:
     return ParameterReport(trainable=trainable, adapter=trainable, base=base, dead=0, dead_blocks=0, by_module=[])
 
 
-def _trainable_table(model: nn.Module, report: ParameterReport, title: str) -> Table:
-    """Trainable parameters by module kind (q_proj, lora_A, ...), then the totals against the base."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("parameter")
-    table.add_column("tensors", justify="right")
-    table.add_column("shape", justify="right")
-    table.add_column("parameters", justify="right")
+def trainable_groups(model: nn.Module) -> list[TrainableGroup]:
+    """Trainable parameters by kind (q_proj, lora_A, ...), in the order the model holds them."""
     kinds: dict[str, list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             kinds.setdefault(_parameter_kind(name), []).append(parameter)
-    for kind, parameters in kinds.items():
-        shapes = sorted({"×".join(map(str, p.shape)) for p in parameters})
-        shown = ", ".join(shapes[:2]) + (", …" if len(shapes) > 2 else "")
-        table.add_row(kind, str(len(parameters)), shown, f"{sum(p.numel() for p in parameters):,}")
-    table.add_section()
-    table.add_row("trainable", "", "", f"{report.trainable:,}", style="bold")
-    table.caption = f"{report.trainable:,} trainable of {report.base:,} base parameters ({report.percent_of_base:.3f}%)"
-    return table
+    return [
+        TrainableGroup(
+            kind,
+            len(parameters),
+            sorted({"×".join(map(str, p.shape)) for p in parameters}),
+            sum(p.numel() for p in parameters),
+        )
+        for kind, parameters in kinds.items()
+    ]
 
 
 def _parameter_kind(name: str) -> str:
@@ -301,8 +298,6 @@ def peft_adapter_config(directory: Path) -> dict | None:
 def recorded_base(directory: Path) -> str | None:
     """The base a saved adapter was trained on: its run's recipe says it best (an alias such as smollm2-135m),
     else what the adapter config recorded."""
-    from .evaluate.runner import read_saved_recipe
-
     recipe = read_saved_recipe(directory)
     if recipe and recipe.get("base_model"):
         return recipe["base_model"]

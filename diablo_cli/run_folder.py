@@ -22,11 +22,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from ._version import __version__
 from .atomic import move_into_place, write_text_atomic
 from .errors import DiaBloError
 from .interrupts import signals_held
+from .reading import read_text
 
 MARKER_FILE = ".diablo-folder.json"
 LOCK_FILE = ".diablo-lock"
@@ -39,9 +43,27 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # DiaBlo's and PEFT's alike
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # present exactly when a tokenizer was saved
+TOKENIZER_FILES = (  # what save_pretrained writes for a tokenizer (output.save_tokenizer), by the kinds there are
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 TRAIN, MERGE, QUANTIZE = "train", "merge", "quantize"
-RUN_FILES = (RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHECKPOINTS, "tensorboard", "wandb")
+TENSORBOARD_DIR = "tensorboard"  # logging.tensorboard's event files
+WANDB_DIR = "wandb"  # logging.wandb's local run files (wandb names it inside the folder it is given)
+RUN_FILES = (RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHECKPOINTS, TENSORBOARD_DIR, WANDB_DIR)
 """What a train run always writes, whatever its method: a marked run folder owns these names."""
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -80,11 +102,30 @@ def read_marker(folder: Path) -> Marker | None:
         raise DiaBloError(f"{path} is damaged ({err}); delete it only if diablo wrote this folder") from None
 
 
+def read_saved_recipe(adapter_dir: Path) -> dict[str, Any] | None:
+    """The recipe `diablo train` saved beside the adapter (recipe.yaml), or None when there is none."""
+    path = Path(adapter_dir) / RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        document = yaml.safe_load(read_text(path, "saved recipe"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise DiaBloError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    return document if isinstance(document, dict) else None
+
+
 # ---- checkpoints --------------------------------------------------------------------------------------------------
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINTS / f"step-{step:07d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder (``checkpoints/step-N``) was saved at."""
+    return int(path.name.removeprefix("step-"))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

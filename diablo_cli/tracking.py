@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiaBloError
-from .run_folder import METRICS_FILE
+from .run_folder import METRICS_FILE, TENSORBOARD_DIR
 
 
 def memory_in_use() -> dict[str, float]:
@@ -52,7 +52,7 @@ class MetricsLog:
             _require("tensorboard", "logging.tensorboard: true")
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
         if wandb:
             _require("wandb", "logging.wandb: true")
             import wandb as wandb_module

@@ -592,7 +592,7 @@ def test_a_failure_after_the_adapter_is_saved_keeps_the_run(tmp_path, monkeypatc
     """Only a run that failed before its first checkpoint is removed: one whose adapter is saved stays."""
     from diablo_cli import DiaBloError
 
-    monkeypatch.setattr("diablo_cli.train.plot_loss_curve", _raise(DiaBloError("the plot failed")))
+    monkeypatch.setattr("diablo_cli.training.run.plot_loss_curve", _raise(DiaBloError("the plot failed")))
     with_recipe(tmp_path)
     outcome = run_diablo([*TRAIN, "--set", "training.save_steps=1000"], tmp_path)
     assert outcome.code == 2 and "the plot failed" in outcome.stderr

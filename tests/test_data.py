@@ -19,18 +19,19 @@ from diablo_cli.data import (
     DataCollator,
     DataConfig,
     DatasetSource,
-    describe_supervision,
     generation_prompt,
     generation_prompt_ids,
     load_raw_examples,
     prepare_data,
     reference_response,
+    supervision_runs,
 )
 from diablo_cli.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, render_example
 from diablo_cli.data.presets import resolve_source
 from diablo_cli.data.sources import cached_download_path
 from diablo_cli.data.tokenize import encode_rendered
 from diablo_cli.errors import DiaBloError
+from diablo_cli.report import describe_supervision
 
 datasets.disable_progress_bars()
 
@@ -495,13 +496,13 @@ def test_missing_pad_token_falls_back_to_eos(smollm2_dir, tmp_path, caplog):
 
 def test_describe_supervision_highlights_the_response(tmp_path, tok):
     row = prepare(tmp_path, tok, QA[:1]).train[0]
-    text = describe_supervision(tok, row)
+    text = describe_supervision(supervision_runs(tok, row))
     assert text.plain == tok.decode(row["input_ids"])
     styled = {text.plain[span.start : span.end]: span.style for span in text.spans}
     assert styled["The sum is 5.<|im_end|>"] == "bold green"
     assert any(style == "dim" and "### Instruction" in part for part, style in styled.items())
     packed = prepare(tmp_path, tok, QA, packing=True, max_length=256).train[0]
-    assert describe_supervision(tok, packed).plain.count("── next example ──") == 2
+    assert describe_supervision(supervision_runs(tok, packed)).plain.count("── next example ──") == 2
 
 
 # --- tokenizer variants ---------------------------------------------------------------------------------------

@@ -351,8 +351,8 @@ def test_rollback_under_ddp_leaves_every_rank_where_one_process_would_be(tmp_pat
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero3"])
 def test_sharded_engines_refuse_rollback_in_one_line_before_loading(tmp_path, monkeypatch, engine):
     """Restoring weights in place is not safe while an engine holds them in shards: refused before any weight loads."""
-    monkeypatch.setattr("diablo_cli.train.sharding_engine", lambda accelerator: engine)
-    monkeypatch.setattr("diablo_cli.train.load_base_model", pytest.fail)  # the refusal comes first
+    monkeypatch.setattr("diablo_cli.training.setup.sharding_engine", lambda accelerator: engine)
+    monkeypatch.setattr("diablo_cli.training.setup.load_base_model", pytest.fail)  # the refusal comes first
     with pytest.raises(DiaBloError, match=rf"^training.divergence.action: rollback .* while {engine} shards them; use"):
         run(tmp_path, "training.divergence.action=rollback")
     assert not (tmp_path / "run").exists()

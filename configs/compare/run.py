@@ -24,8 +24,8 @@ from rich.table import Table
 
 from diablo_cli.recipe import load_recipe
 from diablo_cli.report import plot_curves
-from diablo_cli.tracking import METRICS_FILE, read_metrics
-from diablo_cli.train import RECIPE_FILE, SUMMARY_FILE
+from diablo_cli.run_folder import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
+from diablo_cli.tracking import read_metrics
 
 HERE = Path(__file__).parent
 RECIPES = {"DiaBlo": HERE / "diablo.yaml", "LoRA": HERE / "lora.yaml"}

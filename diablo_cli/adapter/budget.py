@@ -2,65 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch import nn
 
+from ..records import ModuleTypeCount, ParameterReport
 from .layer import DiaBloLinear, linear_features
-
-
-@dataclass
-class ModuleTypeCount:
-    """Adapter parameters of all layers sharing one name (``q_proj``, ``down_proj``, ...)."""
-
-    module: str
-    layers: int = 0
-    parameters: int = 0
-    dead_parameters: int = 0
-    blocks: set[int] = field(default_factory=set)
-    shapes: set[tuple[int, int, int]] = field(default_factory=set)
-
-
-@dataclass
-class ParameterReport:
-    """Trainable versus base parameters of an adapted model.
-
-    ``base`` counts logical weights: a 4-bit or GPTQ layer counts ``in × out``, not its packed storage.
-    ``dead`` counts adapter entries that only ever see zero padding (see BlockLayout.dead_parameters):
-    they are included in ``adapter`` and ``trainable``, as the paper counts them, but never learn.
-    """
-
-    trainable: int
-    adapter: int
-    base: int
-    dead: int
-    dead_blocks: int
-    by_module: list[ModuleTypeCount]
-
-    @property
-    def percent_of_base(self) -> float:
-        return 100.0 * self.trainable / self.base if self.base else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "trainable": self.trainable,
-            "adapter": self.adapter,
-            "base": self.base,
-            "percent_of_base": self.percent_of_base,
-            "dead": self.dead,
-            "dead_blocks": self.dead_blocks,
-            "by_module": [
-                {
-                    "module": m.module,
-                    "layers": m.layers,
-                    "parameters": m.parameters,
-                    "dead_parameters": m.dead_parameters,
-                    "blocks": sorted(m.blocks),
-                    "block_shapes": sorted(m.shapes),
-                }
-                for m in self.by_module
-            ],
-        }
 
 
 def base_parameter_count(model: nn.Module) -> int:

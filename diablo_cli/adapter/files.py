@@ -19,15 +19,17 @@ from torch import nn
 
 from .._version import __version__
 from ..atomic import atomic_path, write_text_atomic
+from ..base_config import base_quantization
 from ..errors import AdapterMismatchError, DiaBloError
 from ..reading import open_safetensors, read_json
+from ..run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .config import ADAPTER_DTYPES, DiaBloConfig, canonical_dtype
 from .layer import ADAPTER_PARAMETER, BlockLayout, linear_features
 from .model import CONFIG_ATTRIBUTE, adapted_layers, bare_name, wrap_targets
 from .targets import Target
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = ADAPTER_CONFIG
+WEIGHTS_FILE = ADAPTER_WEIGHTS
 FORMAT_NAME = "diablo-adapter"
 FORMAT_VERSION = 1
 DAMAGED_ADAPTER_ADVICE = "copy the adapter folder again from where it was saved, or train it again"
@@ -202,8 +204,6 @@ def check_against_base(model: nn.Module, document: dict[str, Any], directory: Pa
 
 
 def _describe_base(model: nn.Module, override: str | None) -> dict[str, Any]:
-    from ..models import base_quantization
-
     config = getattr(model, "config", None)
     return {
         "name_or_path": override or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None),

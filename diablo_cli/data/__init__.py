@@ -16,7 +16,7 @@ from .presets import PRESETS
 if TYPE_CHECKING:
     from .collator import DataCollator
     from .prepare import DataStats, PreparedData, prepare_data
-    from .preview import describe_supervision
+    from .preview import supervision_runs
     from .sources import load_raw_examples
 
 _LAZY = {
@@ -24,7 +24,7 @@ _LAZY = {
     "DataStats": "prepare",
     "PreparedData": "prepare",
     "prepare_data": "prepare",
-    "describe_supervision": "preview",
+    "supervision_runs": "preview",
     "load_raw_examples": "sources",
 }
 
@@ -35,12 +35,12 @@ __all__ = [
     "DataStats",
     "DatasetSource",
     "PreparedData",
-    "describe_supervision",
     "generation_prompt",
     "generation_prompt_ids",
     "load_raw_examples",
     "prepare_data",
     "reference_response",
+    "supervision_runs",
 ]
 
 

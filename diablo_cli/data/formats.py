@@ -79,14 +79,22 @@ def generation_prompt(example: dict, source: DatasetSource, tokenizer: Any) -> s
     return rendered.text[: rendered.prompt_end]
 
 
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """The tokens the tokenizer puts in front of any text by itself (a BOS for Llama-style models, often none)."""
+    with_special = list(tokenizer("a")["input_ids"])
+    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start : start + len(without)] == without:
+            return with_special[:start]
+    return []
+
+
 def generation_prompt_ids(example: dict, source: DatasetSource, tokenizer: Any) -> list[int]:
     """`generation_prompt` tokenised exactly as in training (BOS added only where training adds it).
 
     Use this rather than `tokenizer(generation_prompt(...))`: text rendered by a chat template already holds its
     BOS, and tokenising it with special tokens would double it.
     """
-    from .tokenize import special_prefix_ids
-
     rendered = render_example(example, source, tokenizer, for_generation=True)
     prefix = special_prefix_ids(tokenizer) if rendered.special_prefix else []
     return prefix + list(tokenizer(rendered.text[: rendered.prompt_end], add_special_tokens=False)["input_ids"])

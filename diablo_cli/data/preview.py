@@ -1,33 +1,25 @@
-"""Show which tokens of a training row the model learns (`diablo train --dry-run`)."""
+"""Which tokens of a training row the model learns (`diablo train --dry-run`), as runs of decoded text that
+report/ colours."""
 
 from __future__ import annotations
 
 from itertools import groupby
 from typing import Any
 
-from rich.text import Text
-
+from ..records import SupervisedRun
 from .tokenize import IGNORE_INDEX
 
-SUPERVISED_STYLE = "bold green"
-MASKED_STYLE = "dim"
 
-
-def describe_supervision(tokenizer: Any, row: dict) -> Text:
-    """The decoded row: supervised tokens bold green, masked ones dim; packed examples on separate lines."""
+def supervision_runs(tokenizer: Any, row: dict) -> list[SupervisedRun]:
+    """The decoded row in runs of supervised or masked tokens, each tagged with the packed example it is in."""
     ids = list(row["input_ids"])
     labels = list(row["labels"])
     positions = list(row.get("position_ids") or [0] + [1] * (len(ids) - 1))
     example_of = []  # which packed example each token belongs to (a position id of 0 starts one)
     for i, position in enumerate(positions):
         example_of.append((example_of[-1] if i else 0) + (1 if i and position == 0 else 0))
-    text = Text()
     runs = groupby(range(len(ids)), key=lambda i: (example_of[i], labels[i] != IGNORE_INDEX))
-    previous_example = 0
-    for (example, supervised), indices in runs:
-        if example != previous_example:
-            text.append("\n── next example ──\n", style="italic cyan")
-            previous_example = example
-        decoded = tokenizer.decode([ids[i] for i in indices], skip_special_tokens=False)
-        text.append(decoded, style=SUPERVISED_STYLE if supervised else MASKED_STYLE)
-    return text
+    return [
+        SupervisedRun(example, supervised, tokenizer.decode([ids[i] for i in indices], skip_special_tokens=False))
+        for (example, supervised), indices in runs
+    ]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 
+from ..cache import cache_dir
 from ..errors import DiaBloError
 from ..reading import read_json, read_json_lines, read_text
 from .config import DatasetSource
@@ -165,8 +166,6 @@ def _guarded(load, label: str) -> datasets.Dataset:
 
 def cached_download_path(url: str) -> Path:
     """Where a data file fetched from `url` is kept (in the diablo-cli cache, $DIABLO_CACHE overrides)."""
-    from ..models import cache_dir
-
     name = url.rstrip("/").rsplit("/", 1)[-1]
     return cache_dir() / "data" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
 

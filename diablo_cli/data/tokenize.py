@@ -13,7 +13,7 @@ from typing import Any
 import datasets
 
 from .config import DatasetSource
-from .formats import RenderedExample, render_example
+from .formats import RenderedExample, render_example, special_prefix_ids
 
 IGNORE_INDEX = -100
 
@@ -26,16 +26,6 @@ TOKENIZED_FEATURES = datasets.Features(  # Sequence, not List, so that datasets 
         "supervised": datasets.Value("int32"),  # labels that are not IGNORE_INDEX, after truncation
     }
 )
-
-
-def special_prefix_ids(tokenizer: Any) -> list[int]:
-    """The tokens the tokenizer puts in front of any text by itself (a BOS for Llama-style models, often none)."""
-    with_special = list(tokenizer("a")["input_ids"])
-    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    for start in range(len(with_special) - len(without) + 1):
-        if with_special[start : start + len(without)] == without:
-            return with_special[:start]
-    return []
 
 
 def encode_rendered(tokenizer: Any, rendered: list[RenderedExample]) -> list[tuple[list[int], list[bool]]]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DiaBloError
+from ..run_folder import read_saved_recipe
 from .runner import (
     EvalResult,
     EvalSettings,
@@ -17,7 +18,6 @@ from .runner import (
     Progress,
     TaskSpec,
     evaluate_model,
-    read_saved_recipe,
     training_template,
 )
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..data.config import DatasetSource
 from ..errors import DiaBloError
 from ..reading import read_text
-from ..run_folder import RECIPE_FILE
+from ..records import Progress
 from . import tasks as builtin
 from .generation import GREEDY, Sampling, generate_samples
 from .tasks import Item, TaskDefinition
@@ -94,20 +92,6 @@ class EvalResult:
 
 
 # ---- templates ---------------------------------------------------------------------------------------------------
-
-
-def read_saved_recipe(adapter_dir: Path) -> dict[str, Any] | None:
-    """The recipe `diablo train` saved beside the adapter (recipe.yaml), or None when there is none."""
-    path = Path(adapter_dir) / RECIPE_FILE
-    if not path.is_file():
-        return None
-    try:
-        document = yaml.safe_load(read_text(path, "saved recipe"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise DiaBloError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    return document if isinstance(document, dict) else None
 
 
 def training_template(recipe: dict[str, Any] | None) -> str | None:
@@ -183,8 +167,6 @@ def prompt_ids(item: Item, template: str, tokenizer) -> list[int]:
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
-
-Progress = Callable[[str, int, int | None], None]
 
 
 def evaluate_model(
@@ -506,17 +488,6 @@ def write_results(result: EvalResult, json_path: Path) -> tuple[Path, Path]:
     return json_path, predictions
 
 
-def iter_metric_cells(scores: dict[str, dict[str, dict[str, float]]]) -> Iterator[tuple[str, str]]:
-    """(task, metric) pairs in first-seen order across all models, "n" excluded."""
-    seen: dict[tuple[str, str], None] = {}
-    for row in scores.values():
-        for task, metrics in row.items():
-            for metric in metrics:
-                if metric not in ("n", "samples_per_problem", "tokens"):
-                    seen.setdefault((task, metric), None)
-    yield from seen
-
-
 # ---- task specs from flags and recipes ---------------------------------------------------------------------------
 
 
@@ -580,11 +551,3 @@ def headline_metric(scores: dict[str, float]) -> tuple[str, float]:
             return name, scores[name]
     name = next(key for key in scores if key != "n")
     return name, scores[name]
-
-
-PERCENT_METRICS = ("accuracy", "acc", "acc_norm", "exact_match", "refusal_rate", "f1", "pass@")
-
-
-def format_metric(metric: str, value: float) -> str:
-    """A score as people read it: shares as percentages, correlations and losses as plain numbers."""
-    return f"{value:.1%}" if metric.startswith(PERCENT_METRICS) else f"{value:.4g}"

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,6 +25,7 @@ from ..errors import DiaBloError
 from ..models import require_extra
 from ..precision import AUTO, choose_dtype, short_name
 from ..reading import read_json_object
+from ..records import LayerReport, Progress, QuantizeReport
 from ..run_folder import QUANTIZE, ModelOutput, check_model_output
 from .calibration import DEFAULT_CALIBRATION, build_calibration, check_windows, perplexity
 from .dequantize import dequantized_weights
@@ -37,53 +36,6 @@ from .magr import magr as reduce_magnitudes  # `magr` is also quantize_model's f
 METHODS = ("gptq", "rtn", "bnb-4bit")
 REPORT_FILE = "diablo_quantize.json"
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block: MagR's ℓ∞ groups match it
-
-Progress = Callable[[str, int, int | None], None]
-
-
-@dataclass
-class LayerReport:
-    """One quantized linear layer: how far its outputs moved on the calibration inputs."""
-
-    name: str
-    error: float  # ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖, Ŵ the dequantized result, W the original weight
-    magr_error: float | None = None  # the same for MagR's full-precision W' alone
-    max_before: float | None = None  # max |W| per output channel, mean over channels, before MagR
-    max_after: float | None = None  # ... and after
-
-
-@dataclass
-class QuantizeReport:
-    base: str
-    output: str
-    method: str
-    bits: int
-    group_size: int | None
-    desc_act: bool = False
-    magr: dict[str, Any] | None = None  # {"alpha", "iterations", "group_size"} when MagR ran
-    calibration: dict[str, Any] = field(default_factory=dict)
-    size_before_bytes: int = 0
-    size_after_bytes: int = 0
-    layers: list[LayerReport] = field(default_factory=list)
-    perplexity_before: float | None = None
-    perplexity_magr: float | None = None  # full precision after MagR, before quantizing
-    perplexity_after: float | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    log: str | None = None
-    cleaned: list[str] = field(default_factory=list)  # what interrupted quantizations left beside the output: removed
-
-    def error_summary(self) -> dict[str, float]:
-        errors = sorted(layer.error for layer in self.layers)
-        if not errors:
-            return {}
-        return {
-            "mean": sum(errors) / len(errors),
-            "median": errors[len(errors) // 2],
-            "max": errors[-1],
-        }
-
-    def worst_layer(self) -> LayerReport | None:
-        return max(self.layers, key=lambda layer: layer.error, default=None)
 
 
 def quantize_model(

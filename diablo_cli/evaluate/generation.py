@@ -142,7 +142,7 @@ def _contiguous_head_input(model) -> Iterator[None]:
     The prefill computes logits for the last position only, on a strided view ``hidden[:, -1:, :]``. Where the
     head's weight is frozen (every adapter freezes it), torch's matmul cannot fold that view into one matrix
     product and broadcasts the weight into a batched one instead: a copy of the whole head per row. On SmolLM2 at
-    eval batch 16 that is an 864 MiB temporary and ~7 s per batch, the quickstart's whole-process peak; the
+    eval batch 16 that is an 864 MiB temporary, the quickstart's whole-process peak; the
     contiguous copy of the input is 18 KiB.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

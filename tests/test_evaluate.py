@@ -105,6 +105,24 @@ def test_restores_padding_side_pad_token_and_training_mode(model, tokenizer, pro
         model.eval()
 
 
+def test_frozen_head_gets_a_contiguous_input(tokenizer, prompts):
+    """HF slices the prefill's last position as a strided view; with a frozen head torch's matmul would then
+    copy the whole head once per row (864 MiB at the quickstart's eval batch). generate hands it a copy."""
+    model = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.5).requires_grad_(False)
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
+    batch = tokenizer(prompts[:3], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=1, do_sample=False)
+    assert seen == [False]  # the premise: transformers itself hands the head a strided view
+    seen.clear()
+    hooks = dict(head._forward_pre_hooks)
+    generate(model, tokenizer, prompts, max_new_tokens=3, batch_size=len(prompts))
+    assert len(seen) == 3 and all(seen)
+    assert dict(head._forward_pre_hooks) == hooks  # nothing left on the model
+
+
 def test_empty_and_bad_batch_size(model, tokenizer):
     assert generate(model, tokenizer, []) == []
     with pytest.raises(ValueError, match="batch_size"):

@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
 
     phases = Phases(args.trim)
-    phases.mark("imports: torch, rich, diablo_cli.train")
+    phases.mark("imports: torch, rich, diablo_cli.training")
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -102,7 +102,9 @@ def main() -> None:
 
     import diablo_cli.data
     import diablo_cli.methods
-    import diablo_cli.train as train_module
+    import diablo_cli.training.loop as loop_module
+    import diablo_cli.training.run as run_module
+    import diablo_cli.training.setup as setup_module
     from diablo_cli.recipe import load_recipe
 
     overrides = list(args.overrides)
@@ -113,20 +115,20 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="quickstart-memory-")
     recipe = load_recipe(ROOT / "configs/quickstart.yaml", [*overrides, f"output.dir={out}", "output.overwrite=true"])
 
-    phases.wrap(train_module, "optimizer_class", "optimizer class (transformers Trainer import)", "accelerator")
-    phases.wrap(train_module, "load_base_model", "model load (tokenizer, config, weights)")
-    phases.wrap(train_module, "attach_adapter", "attach adapters")
+    phases.wrap(run_module, "optimizer_class", "optimizer class (transformers Trainer import)", "accelerator")
+    phases.wrap(setup_module, "load_base_model", "model load (tokenizer, config, weights)")
+    phases.wrap(setup_module, "attach_adapter", "attach adapters")
     phases.wrap(diablo_cli.data, "prepare_data", "data preparation")
-    phases.wrap(train_module, "run_eval_tasks", lambda *a, label, **k: f"eval: {label} model")
-    phases.wrap(train_module._Loop, "run", "training steps")
+    phases.wrap(run_module, "run_eval_tasks", lambda *a, label, **k: f"eval: {label} model")
+    phases.wrap(loop_module.Loop, "run", "training steps")
     phases.wrap(diablo_cli.methods.DiaBloMethod, "save", "save adapter")
-    phases.wrap(train_module, "plot_loss_curve", "loss plot")
+    phases.wrap(run_module, "plot_loss_curve", "loss plot")
 
     from rich.console import Console
 
     console = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (open for the process)
     phases.mark("train(): folder")
-    train_module.train(recipe, console=console)
+    run_module.train(recipe, console=console)
     phases.mark("end")
     final = status()
 

@@ -120,9 +120,15 @@ def run_process(name: str, command: list[str], log: Path) -> tuple[float, float]
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(process.pid, 0)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # Ctrl-C: leave no training process behind
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            finished.set()
         wall = time.perf_counter() - started
-        finished.set()
         sampler.join()
         process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:

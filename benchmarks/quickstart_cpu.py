@@ -8,6 +8,7 @@ in rotating order; each prints its wall time, training tokens/s and the held-out
 
     python benchmarks/quickstart_cpu.py                     # auto here vs auto as AVX2, 1 round
     python benchmarks/quickstart_cpu.py --rounds 3 --with-forced-bf16
+    python benchmarks/quickstart_cpu.py --with-dense-loss     # also training.loss: dense on both
 """
 
 from __future__ import annotations
@@ -32,12 +33,20 @@ SCORE = re.compile(r"dates: exact match ([\d.]+)% → ([\d.]+)%")
 DTYPE = re.compile(r"^dtype: (\S+) \(([^)]*\)?)\)", re.MULTILINE)
 
 
-def variants(forced_bf16: bool) -> dict[str, tuple[dict[str, str], list[str]]]:
+def variants(forced_bf16: bool, dense_loss: bool) -> dict[str, tuple[dict[str, str], list[str]]]:
     found = {"this CPU, dtype auto": ({}, []), "as AVX2, dtype auto": (AVX2_ONLY, [])}
+    if dense_loss:  # the loss before issue 25: Hugging Face's, over every position's logits
+        found["this CPU, loss dense"] = ({}, ["--set", "training.loss=dense"])
+        found["as AVX2, loss dense"] = (AVX2_ONLY, ["--set", "training.loss=dense"])
     if forced_bf16:  # hours for the whole job: five steps are enough to show the rate
         short = ["--set", "training.max_steps=5", "--set", "eval.tasks=[]", "--set", "training.logging_steps=1"]
         found["as AVX2, dtype bf16 (5 steps)"] = (AVX2_ONLY, ["--set", "model.dtype=bf16", *short])
     return found
+
+
+def inductor_cache(env: dict[str, str]) -> dict[str, str]:
+    """A separate torch.compile cache for the AVX2 stand-in: kernels compiled for AVX512 crash under it."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "diablo-inductor-avx2")} if env else {}
 
 
 def native_bf16(env: dict[str, str]) -> bool:
@@ -53,7 +62,7 @@ def run(env: dict[str, str], extra: list[str], out: Path, log: Path | None) -> d
         [*command, "--overwrite", *extra],
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **env},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **env, **inductor_cache(env)},
         cwd=ROOT,
     )
     wall = time.perf_counter() - started
@@ -79,13 +88,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--with-forced-bf16", action="store_true", help="Also time 5 bf16 steps as AVX2.")
+    parser.add_argument("--with-dense-loss", action="store_true", help="Also run with training.loss: dense.")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--logs", type=Path, help="Keep each run's terminal output in this folder.")
     args = parser.parse_args()
     print(f"# {machine('cpu')}")
     if native_bf16(AVX2_ONLY):
         print("# as AVX2: PyTorch still reports native bf16 with oneDNN capped (the stand-in does not hold here)")
-    chosen = variants(args.with_forced_bf16)
+    chosen = variants(args.with_forced_bf16, args.with_dense_loss)
     names = list(chosen)
     results: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as scratch:

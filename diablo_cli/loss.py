@@ -96,7 +96,7 @@ class LossPath:
         if not obstacle:
             return
         if not self._auto:
-            raise DiaBloError(f"training.loss: {self.kind} cannot run on this model: {obstacle}; use dense or auto")
+            raise _cannot_run(self.kind, obstacle)
         self.choice, self._head = LossChoice("dense", f"auto: {obstacle}"), None
         if self._announce is not None:
             self._announce(self.choice.describe())
@@ -118,7 +118,7 @@ def choose_loss(
     obstacle = shortcut_obstacle(model, probe=not _partitioned(model))
     if obstacle:
         if requested != "auto":
-            raise DiaBloError(f"training.loss: {requested} cannot run on this model: {obstacle}; use dense or auto")
+            raise _cannot_run(requested, obstacle)
         return LossPath(LossChoice("dense", f"auto: {obstacle}"), None)
     head = model.get_output_embeddings()
     if requested == "cce":
@@ -127,6 +127,10 @@ def choose_loss(
         _require_liger(head)
     choice = _shortcut_choice(requested, head.out_features)
     return LossPath(choice, head, probe_first=obstacle is None, auto=requested == "auto", announce=announce)
+
+
+def _cannot_run(kind: str, obstacle: str) -> DiaBloError:
+    return DiaBloError(f"training.loss: {kind} cannot run on this model: {obstacle}; use dense or auto")
 
 
 def planned_loss(config, requested: str = "auto") -> LossChoice:
@@ -348,6 +352,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_bias else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        weight_as_hidden = weight.to(hidden.dtype) if need_hidden else None  # once, not per slice (autocast)
         for start in range(0, hidden.shape[0], rows):
             stop = start + rows
             part, target = hidden[start:stop], targets[start:stop]
@@ -358,7 +363,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
             grad = grad.mul_(scale).to(hidden.dtype)
             if need_hidden:
-                grad_hidden[start:stop] = grad @ weight.to(hidden.dtype)
+                grad_hidden[start:stop] = grad @ weight_as_hidden
             if need_weight:
                 grad_weight += (grad.t() @ part).float()
             if need_bias:

@@ -458,3 +458,20 @@ def test_wider_terminals_show_more_fields() -> None:
     assert "12,345 tok/s" in wide and "lr 1.00e-04" in wide
     tight = _rendered_bar(50, 160, 1000)
     assert "160/1000" in tight and "loss 2.3456" in tight and "ETA" in tight and "…" not in tight
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "--adapter", "no-such-adapter", "--base", "tiny"],
+        ["eval", "--adapter", "no-such-adapter", "--base", "tiny", "--task", "quickstart"],
+    ],
+    ids=["merge", "eval"],
+)
+def test_an_error_leaves_stdout_empty(argv: list[str], tmp_path: Path) -> None:
+    """Progress bars are for terminals: on a pipe or file a refused command writes its one line to stderr and
+    nothing to stdout (Rich's transient bars used to leave a blank line there)."""
+    outcome = run_diablo(argv, tmp_path)
+    assert outcome.code == 2, outcome
+    assert outcome.stdout == ""
+    assert outcome.stderr.startswith("error:") and "no-such-adapter" in outcome.stderr

@@ -136,6 +136,7 @@ def _phase_bars(console: Console, label: str) -> Progress:
         transient=True,
         redirect_stdout=False,
         redirect_stderr=False,
+        disable=not console.is_terminal,  # transient bars leave nothing in a file or pipe but a stray blank line
     )
 
 

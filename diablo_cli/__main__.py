@@ -1,5 +1,5 @@
 """``python -m diablo_cli`` (and ``accelerate launch -m diablo_cli``) runs the same app as ``diablo``."""
 
-from .cli import main
+from .entry import main
 
 main()

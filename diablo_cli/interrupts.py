@@ -7,6 +7,7 @@ KeyboardInterrupt so that it reaches ``cli.main``, which prints what was kept an
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,19 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 """The shell's convention (128 + the signal's number), so scripts can tell an interrupt from a failure."""
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_quietly_on_signals() -> None:
+    """Until ``interrupts_raised`` takes over, a SIGINT or SIGTERM ends the process with its exit code and one
+    line: at start-up (Typer, Rich and the command's modules importing) nothing has been written yet, and
+    Python's own KeyboardInterrupt would print a traceback of whatever import it cut."""
+
+    def stop(signum: int, _frame) -> None:
+        os.write(2, b"interrupted: diablo stopped before writing anything\n")
+        os._exit(EXIT_CODES[signal.Signals(signum).name])
+
+    for sig in _SIGNALS:
+        signal.signal(sig, stop)
 
 
 class Interrupted(BaseException):

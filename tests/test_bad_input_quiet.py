@@ -475,3 +475,23 @@ def test_an_error_leaves_stdout_empty(argv: list[str], tmp_path: Path) -> None:
     assert outcome.code == 2, outcome
     assert outcome.stdout == ""
     assert outcome.stderr.startswith("error:") and "no-such-adapter" in outcome.stderr
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line() -> None:
+    """The console script catches Ctrl-C before it imports the CLI (Typer, Rich, a tenth of a second): a
+    signal then is one line and exit 130, not a KeyboardInterrupt traceback from inside some import."""
+    script = (
+        "import os, signal, sys, time, types\n"
+        "from diablo_cli import entry\n"
+        "fake = types.ModuleType('diablo_cli.cli')\n"
+        "def main():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(10)\n"
+        "fake.main = main\n"
+        "sys.modules['diablo_cli.cli'] = fake\n"
+        "entry.main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_CODES["SIGINT"]
+    assert done.stderr == "interrupted: diablo stopped before writing anything\n"
+    assert TRACEBACK not in done.stderr

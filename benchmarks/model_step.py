@@ -6,6 +6,8 @@ Variants, each a fresh copy of the same loaded base, one step = forward + backwa
                  step costs at least
   diablo         DiaBlo as `diablo train` runs it (kernel auto: blocks folded into the dense weights; its loss)
   diablo-blocks  DiaBlo with kernel=blocks: the three separate block products (the reference math)
+  diablo-adamw-loop  DiaBlo stepped by torch's per-tensor AdamW loop (`adamw_torch`, diablo's old default)
+                 instead of the fused AdamW that diablo train, and transformers' Trainer, now use
   lora           PEFT LoRA on the same modules at the rank whose budget is closest to DiaBlo's, with HF's loss
                  (what a PEFT user runs)
   full           full fine-tuning (every weight trainable), diablo's loss
@@ -50,7 +52,7 @@ from diablo_cli import DiaBloConfig, attach_diablo
 from diablo_cli.adapter.targets import select_targets
 from diablo_cli.loss import choose_loss
 
-VARIANTS = ("floor-hf", "floor", "diablo", "diablo-blocks", "lora", "full")
+VARIANTS = ("floor-hf", "floor", "diablo", "diablo-blocks", "diablo-adamw-loop", "lora", "full")
 HF_LOSS = ("floor-hf", "lora")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # QKVOGUD
 
@@ -87,7 +89,8 @@ def build(variant: str, base, *, blocks: int, rank: int, copy_base: bool = True)
     elif variant == "full":
         model.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(trainable, lr=1e-5)
+    fused = variant != "diablo-adamw-loop"  # adamw_torch_fused: the default of diablo train and of transformers
+    return model, torch.optim.AdamW(trainable, lr=1e-5, fused=fused, foreach=None if fused else False)
 
 
 def loss_function(variant: str, model, batch: dict[str, torch.Tensor]):

@@ -197,7 +197,7 @@ class TrainingSection(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
-    optimizer: str = "adamw_torch"
+    optimizer: str = "adamw_torch_fused"  # transformers' own default: AdamW in one fused pass, same math
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0, lt=1)

@@ -34,7 +34,7 @@ def load_error(tmp_path: Path, data: dict, overrides: list[str] | None = None) -
 def test_minimal_recipe_gets_defaults(tmp_path):
     recipe = load_recipe(write(tmp_path, MINIMAL))
     assert recipe.adapter.blocks == 64 and recipe.adapter.target_modules == "QKVUD"
-    assert recipe.training.optimizer == "adamw_torch" and recipe.model.trust_remote_code is False
+    assert recipe.training.optimizer == "adamw_torch_fused" and recipe.model.trust_remote_code is False
     assert Path(recipe.data.datasets[0].path).is_file()  # bundled:// resolved into the package
 
 

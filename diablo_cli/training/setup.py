@@ -98,6 +98,19 @@ def start_processes(recipe: Recipe, accelerator) -> str:
     return engine
 
 
+def training_layout(config) -> str:
+    """The layout of rows this architecture learns from: ``causal`` (prompt and answer in one stream). A family
+    the loop has no layout for is refused before any data is tokenised: training it on the causal layout would
+    exit 0 and teach the wrong thing (an encoder-decoder shown the very answer its decoder is asked for)."""
+    if getattr(config, "is_encoder_decoder", False):
+        model_type = getattr(config, "model_type", None) or type(config).__name__
+        raise DiaBloError(
+            f"base_model: {model_type!r} is an encoder-decoder model, which `diablo train` has no sequence-to-"
+            "sequence loop for yet; train a decoder-only (causal) model, or score this one with `diablo eval`"
+        )
+    return "causal"
+
+
 def load_and_attach(
     recipe: Recipe, accelerator, console: Console | None
 ) -> tuple[TrainingMethod, torch.nn.Module, Any, ParameterReport, LossPath]:
@@ -115,6 +128,7 @@ def load_and_attach(
         quantization=recipe.model.quantization,
         device=accelerator.device,
     )
+    training_layout(model.config)
     quantized = prepare_quantized_training(model)  # before any forward pass: see quantize/trainable.py
     if console is not None and quantized is not None:
         console.print(f"base: {quantized.describe()}")

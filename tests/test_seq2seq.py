@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from diablo_cli import DiaBloError
 from diablo_cli.recipe import load_recipe
+from diablo_cli.tracking import read_metrics
 from diablo_cli.train import train
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
@@ -60,22 +64,133 @@ def t5_recipe(t5_dir: Path, out: Path, *overrides: str):
     )
 
 
-def test_an_encoder_decoder_base_is_never_trained_on_the_causal_layout(t5_dir, tmp_path):
-    recipe = t5_recipe(t5_dir, tmp_path / "run")
-    with pytest.raises(DiaBloError, match="encoder-decoder"):
-        train(recipe, console=Console(file=io.StringIO()))
+def run(t5_dir: Path, out: Path, *overrides: str, resume: str | None = None):
+    console = Console(file=io.StringIO(), width=200)
+    result = train(t5_recipe(t5_dir, out, *SHORT, *overrides), resume=resume, console=console)
+    return result, console.file.getvalue()
+
+
+SHORT = ("data.datasets.0.limit=32", "training.max_steps=6", "training.save_steps=3", "training.eval_steps=3")
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m}
+
+
+def test_seq2seq_rows_hold_the_prompt_for_the_encoder_and_only_the_answer_for_the_decoder(t5_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from diablo_cli.data import DataConfig, prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "sst2 sentence: a fine film", "completion": "positive"}\n')
+    config = DataConfig.model_validate(
+        {"datasets": [{"path": str(path), "format": "prompt_completion", "template": "plain"}], "shuffle": False}
+    )
+    row = prepare_data(config, tokenizer, seed=0, seq2seq=True).train[0]
+    assert tokenizer.decode(row["input_ids"]) == "sst2 sentence: a fine film"
+    answer = tokenizer("positive", add_special_tokens=False)["input_ids"]
+    assert row["labels"] == [*answer, tokenizer.eos_token_id]  # every label supervised, none of the prompt
+    causal = prepare_data(config, tokenizer, seed=0).train[0]
+    assert len(causal["input_ids"]) == len(causal["labels"]) > len(row["input_ids"])  # the layout it replaces
+
+
+def test_the_collator_shifts_labels_as_the_model_does_and_the_loss_is_normalised_by_tokens(t5_dir):
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from diablo_cli.data import DataCollator
+    from diablo_cli.loss import choose_loss
+
+    model = T5ForConditionalGeneration.from_pretrained(t5_dir).eval()
+    collate = DataCollator(pad_token_id=2, decoder_start_token_id=model.config.decoder_start_token_id)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [8, 9, 2]}, {"input_ids": [10], "labels": [11, 2]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [10, 2, 2]] and batch["attention_mask"][1].tolist() == [1, 0, 0]
+    assert batch["labels"][1].tolist() == [11, 2, -100]
+    assert torch.equal(batch["decoder_input_ids"], model._shift_right(batch["labels"]))
+    assert collate.supervised_tokens(batch) == 5  # no causal shift: every label is predicted
+    path = choose_loss(model)
+    assert path.kind == "dense"
+    with torch.no_grad():
+        ours = path.loss(model, batch, collate.supervised_tokens(batch))
+        theirs = model(**{k: v for k, v in batch.items() if k != "decoder_input_ids"}).loss
+    torch.testing.assert_close(ours, theirs)  # one micro-batch: the sum over its tokens / its tokens
+
+
+def test_a_tiny_t5_trains_on_the_seq2seq_layout_and_its_loss_falls(t5_dir, tmp_path):
+    result, output = run(t5_dir, tmp_path / "run", "training.learning_rate=1e-2")
+    assert result.steps == 6 and "done:" in output and "loss: dense" in output
+    steps = losses(result.output_dir)
+    assert sorted(steps) == list(range(1, 7)) and steps[6] < steps[1] - 0.5
+    evals = [m for m in read_metrics(result.output_dir / "metrics.jsonl") if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    saved = load_file(result.output_dir / "adapter_model.safetensors")
+    assert any("EncDecAttention.q" in key for key in saved) and any("DenseReluDense.wo" in key for key in saved)
+    assert not any("lm_head" in key or "shared" in key for key in saved)
+
+
+def test_a_seq2seq_run_resumes_bit_for_bit(t5_dir, tmp_path):
+    settings = ("adapter.dropout=0.1", "training.lr_scheduler=cosine")  # T5's own dropout too: RNG must resume
+    straight, _ = run(t5_dir, tmp_path / "straight", *settings)
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    step = "step-0000003"
+    shutil.copytree(straight.output_dir / "checkpoints" / step, interrupted / "checkpoints" / step)
+    resumed, output = run(t5_dir, interrupted, *settings, resume="latest")
+    assert "at step 3" in output
+    expected, got = losses(straight.output_dir), losses(resumed.output_dir)
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    a = load_file(straight.output_dir / "adapter_model.safetensors")
+    b = load_file(resumed.output_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"), [("data.packing=true", "data.packing"), ("data.train_on_inputs=true", "train_on_inputs")]
+)
+def test_what_the_seq2seq_layout_cannot_honour_is_refused_in_one_line(t5_dir, tmp_path, override, key):
+    with pytest.raises(DiaBloError, match=key):
+        run(t5_dir, tmp_path / "run", override)
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_refuses_an_encoder_decoder_base_in_one_line(t5_dir, tmp_path):
+def test_an_encoder_decoder_that_is_not_a_text_to_text_model_is_refused():
+    from transformers import WhisperConfig
+
+    from diablo_cli.training.setup import training_layout
+
+    with pytest.raises(DiaBloError, match="'whisper' is an encoder-decoder model that is not a text-to-text"):
+        training_layout(WhisperConfig())
+
+
+def test_letters_reach_t5_v1_1_gated_feed_forward():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from diablo_cli import DiaBloConfig, attach_diablo
+    from diablo_cli.adapter import adapted_layers
+
+    config = T5Config(
+        d_model=32, d_ff=48, num_layers=1, num_heads=2, d_kv=16, vocab_size=64, feed_forward_proj="gated-gelu"
+    )
+    gated = attach_diablo(T5ForConditionalGeneration(config), DiaBloConfig(blocks=4, target_modules="GUD"))
+    names = sorted(name.split(".")[0] + ":" + name.split("DenseReluDense.")[1] for name in adapted_layers(gated))
+    assert names == ["decoder:wi_0", "decoder:wi_1", "decoder:wo", "encoder:wi_0", "encoder:wi_1", "encoder:wo"]
+    gate_only = attach_diablo(T5ForConditionalGeneration(config), DiaBloConfig(blocks=4, target_modules="G"))
+    assert all(name.endswith("wi_0") for name in adapted_layers(gate_only))
+    every = attach_diablo(T5ForConditionalGeneration(config), DiaBloConfig(blocks=4, target_modules="all-linear"))
+    assert len(adapted_layers(every)) == 4 + 8 + 3 * 2  # self q/k/v/o; decoder self + cross; wi_0/wi_1/wo twice
+
+
+def test_an_encoder_decoder_base_dry_run_shows_the_seq2seq_rows(t5_dir, tmp_path):
     result = subprocess.run(
         [
             sys.executable, "-m", "diablo_cli", "train", str(TINY), "--dry-run", "-o", str(tmp_path / "dry"),
             "--set", f"base_model={t5_dir}", "--set", "adapter.target_modules=all-linear",
-            "--set", "adapter.blocks=4",
+            "--set", "adapter.blocks=4", "--set", "data.datasets.0.template=plain",
         ],
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"},
     )  # fmt: skip
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "encoder-decoder" in result.stderr and "Traceback" not in result.stderr
-    assert "example 1" not in result.stdout  # refused before any data was tokenised
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "example 1" in result.stdout and "loss: dense" in result.stdout
+    assert not (tmp_path / "dry").exists()

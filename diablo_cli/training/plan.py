@@ -104,7 +104,7 @@ def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2
 
     console = console or Console()
     tokenizer, config = show_plan(recipe, console)
-    training_layout(config)
+    seq2seq = training_layout(config) == "seq2seq"
     sample = recipe.data.model_copy(
         update={
             "datasets": [s.model_copy(update={"limit": min(s.limit or 16, 16)}) for s in recipe.data.datasets],
@@ -112,7 +112,7 @@ def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2
             "validation_split": None,
         }
     )
-    data = prepare_data(sample, tokenizer, seed=recipe.training.seed)
+    data = prepare_data(sample, tokenizer, seed=recipe.training.seed, seq2seq=seq2seq)
     for index in range(min(examples, len(data.train))):
         console.rule(f"example {index + 1}: [bold green]supervised[/] / [dim]masked[/]")
-        console.print(describe_supervision(supervision_runs(tokenizer, data.train[index])))
+        console.print(describe_supervision(supervision_runs(tokenizer, data.train[index], seq2seq=seq2seq)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -194,3 +195,83 @@ def test_an_encoder_decoder_base_dry_run_shows_the_seq2seq_rows(t5_dir, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     assert "example 1" in result.stdout and "loss: dense" in result.stdout
     assert not (tmp_path / "dry").exists()
+
+
+# ---- GLUE: the presets, merge and eval ---------------------------------------------------------------------------
+
+
+def mrpc_file(path: Path, rows: int = 24) -> Path:
+    """A local file in GLUE's MRPC format (nyu-mll/glue's columns): sentence1, sentence2, label, idx."""
+    words = ("the", "film", "was", "a", "fine", "and", "dull", "story", "with", "great", "acting", "but", "weak")
+    lines = []
+    for idx in range(rows):
+        first = " ".join(words[(idx + k) % len(words)] for k in range(6))
+        second = first if idx % 2 else " ".join(reversed(first.split()))
+        lines.append(json.dumps({"sentence1": first, "sentence2": second, "label": idx % 2, "idx": idx}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_glue_presets_train_on_the_prompt_eval_scores(t5_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from diablo_cli.data import DataConfig, prepare_data
+    from diablo_cli.evaluate.tasks import TASKS
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    path = mrpc_file(tmp_path / "mrpc.jsonl", rows=2)
+    config = DataConfig.model_validate({"datasets": [{"preset": "glue-mrpc", "path": str(path)}], "shuffle": False})
+    rows = prepare_data(config, tokenizer, seed=0, seq2seq=True).train
+    for raw, row in zip([json.loads(line) for line in path.read_text().splitlines()], rows, strict=True):
+        item = TASKS["glue-mrpc"].read(raw)
+        assert item.instruction.startswith("mrpc sentence1: ") and " sentence2: " in item.instruction
+        assert tokenizer.decode(row["input_ids"]) == item.instruction
+        assert row["labels"] == [*tokenizer(item.reference, add_special_tokens=False)["input_ids"], 2]
+    unlabelled = tmp_path / "test.jsonl"
+    unlabelled.write_text('{"sentence1": "a", "sentence2": "b", "label": -1, "idx": 7}\n')
+    config = DataConfig.model_validate({"datasets": [{"preset": "glue-mrpc", "path": str(unlabelled)}]})
+    with pytest.raises(DiaBloError, match="GLUE mrpc row 7 has no label"):
+        prepare_data(config, tokenizer, seed=0, seq2seq=True)
+
+
+def test_a_glue_run_merges_to_a_plain_seq2seq_folder_and_eval_scores_all_three(t5_dir, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+    from typer.testing import CliRunner
+
+    from diablo_cli import load_adapter
+    from diablo_cli.cli import app
+    from diablo_cli.merge import merge_adapter
+
+    data = mrpc_file(tmp_path / "mrpc.jsonl")
+    dataset = f"data.datasets=[{{preset: glue-mrpc, path: {data}}}]"
+    result, _ = run(t5_dir, tmp_path / "run", dataset, "training.learning_rate=1e-2", "data.validation_ratio=0")
+    assert losses(result.output_dir)[6] < losses(result.output_dir)[1]
+    report = merge_adapter(result.output_dir, tmp_path / "merged")
+    assert report.verification is not None and report.verification.passed
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 49152, (2, 9))
+    decoder_ids = torch.randint(3, 49152, (2, 5))
+    adapted = load_adapter(AutoModelForSeq2SeqLM.from_pretrained(t5_dir).eval(), result.output_dir)
+    merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForSeq2SeqLM.from_pretrained(t5_dir).eval()
+    with torch.no_grad():
+        expected = adapted(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        got = merged(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        before = base(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (expected - before).abs().max() > 1e-3  # the adapter moved the logits the merge reproduces
+    assert merged.config.tie_word_embeddings and merged.lm_head.weight.data_ptr() == merged.shared.weight.data_ptr()
+
+    scores = tmp_path / "scores.json"
+    cli = CliRunner().invoke(
+        app,
+        ["eval", "--adapter", str(result.output_dir), "--model", str(tmp_path / "merged"), "--task", "glue-mrpc",
+         "--data", str(data), "--scoring", "loglik", "--dtype", "fp32", "--json", str(scores)],
+    )  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert "glue-mrpc" in cli.output and "f1" in cli.output
+    table = json.loads(scores.read_text())
+    assert set(table) == {"base", "run", "merged"}
+    assert table["run"]["glue-mrpc"] == table["merged"]["glue-mrpc"]  # the merged folder scores as base+adapter
+    assert table["run"]["glue-mrpc"]["n"] == 24 and 0 <= table["run"]["glue-mrpc"]["f1"] <= 1

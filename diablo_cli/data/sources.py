@@ -19,7 +19,7 @@ from ..errors import DiaBloError
 from ..reading import read_json, read_json_lines, read_text
 from .config import DatasetSource
 from .formats import OPTIONAL_FIELDS, field_columns, format_of
-from .presets import resolve_source
+from .presets import get_preset, resolve_source
 
 _OFFLINE_NAMES = ("Offline", "Connect", "Timeout")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -28,6 +28,9 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 def load_raw_examples(source: DatasetSource, split: str | None = None) -> datasets.Dataset:
     """The source's raw rows (`split` overrides the source's), limited and checked to have the needed columns."""
     dataset = load_rows(source, split)
+    convert = get_preset(source.preset).rows if source.preset else None
+    if convert is not None:  # a preset whose data needs rewriting into its format (GLUE → prompt/completion)
+        dataset = dataset.map(convert, remove_columns=dataset.column_names, desc=f"{source.preset} rows")
     check_columns(dataset, resolve_source(source), source_label(source))
     return dataset
 

@@ -299,7 +299,7 @@ def _glue_metrics(name: str, predictions: list[str | None], items: list[Item]) -
     from .answers import to_number
     from .metrics import f1_score, matthews_corrcoef, pearson, spearman
 
-    task = name.removeprefix("glue-")
+    task = name.removeprefix("glue-").removesuffix("-mm")  # MNLI's mismatched dev set is scored as MNLI
     labels = builtin.GLUE_LABELS[task]
     if not labels:
         values = [to_number(p) if p is not None else None for p in predictions]

@@ -42,6 +42,7 @@ def t5_dir(tmp_path_factory) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
+        dropout_rate=0.0,  # so that batch shapes do not change the draws (adapter dropout tests the RNG's resume)
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-t5")
@@ -132,7 +133,7 @@ def test_a_tiny_t5_trains_on_the_seq2seq_layout_and_its_loss_falls(t5_dir, tmp_p
 
 
 def test_a_seq2seq_run_resumes_bit_for_bit(t5_dir, tmp_path):
-    settings = ("adapter.dropout=0.1", "training.lr_scheduler=cosine")  # T5's own dropout too: RNG must resume
+    settings = ("adapter.dropout=0.1", "training.lr_scheduler=cosine")  # dropout: the RNG state must resume too
     straight, _ = run(t5_dir, tmp_path / "straight", *settings)
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
@@ -275,3 +276,37 @@ def test_a_glue_run_merges_to_a_plain_seq2seq_folder_and_eval_scores_all_three(t
     assert set(table) == {"base", "run", "merged"}
     assert table["run"]["glue-mrpc"] == table["merged"]["glue-mrpc"]  # the merged folder scores as base+adapter
     assert table["run"]["glue-mrpc"]["n"] == 24 and 0 <= table["run"]["glue-mrpc"]["f1"] <= 1
+
+
+def test_seq2seq_accumulation_matches_a_bigger_batch(t5_dir, tmp_path):
+    """The loss is normalised by the window's supervised tokens, not each micro-batch's (HF T5's own mean)."""
+    common = ("data.shuffle=false", "training.max_steps=3", "training.max_grad_norm=null", "adapter.dropout=0.0")
+    big, _ = run(t5_dir, tmp_path / "big", *common, "training.micro_batch_size=4")
+    accumulated, _ = run(
+        t5_dir, tmp_path / "acc", *common, "training.micro_batch_size=2", "training.gradient_accumulation_steps=2"
+    )
+    big_losses, acc_losses = losses(big.output_dir), losses(accumulated.output_dir)
+    for step in (1, 2, 3):
+        assert acc_losses[step] == pytest.approx(big_losses[step], rel=1e-5)
+
+
+def test_the_eval_loss_task_lays_an_encoder_decoder_out_as_training_does(t5_dir, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from diablo_cli.data import DataCollator, DatasetSource
+    from diablo_cli.evaluate.runner import EvalSettings, TaskSpec, _loss_task
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "sst2 sentence: a fine film", "completion": "positive"}\n')
+    model = AutoModelForSeq2SeqLM.from_pretrained(t5_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    source = DatasetSource(path=str(path), format="prompt_completion", template="plain")
+    scores, _ = _loss_task(model, tokenizer, TaskSpec("loss", dataset=source, loss=True), EvalSettings(), None)
+    prompt, answer = (
+        tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("sst2 sentence: a fine film", "positive")
+    )
+    batch = DataCollator(2, decoder_start_token_id=2)([{"input_ids": prompt, "labels": [*answer, 2]}])
+    with torch.no_grad():
+        expected = model(**{k: v for k, v in batch.items() if k != "decoder_input_ids"}).loss
+    assert scores["tokens"] == batch["labels"].numel()
+    assert scores["loss"] == pytest.approx(float(expected), rel=1e-5)

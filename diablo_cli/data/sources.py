@@ -28,15 +28,13 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 def load_raw_examples(source: DatasetSource, split: str | None = None) -> datasets.Dataset:
     """The source's raw rows (`split` overrides the source's), limited and checked to have the needed columns."""
     dataset = load_rows(source, split)
-    convert = get_preset(source.preset).rows if source.preset else None
-    if convert is not None:  # a preset whose data needs rewriting into its format (GLUE → prompt/completion)
-        dataset = dataset.map(convert, remove_columns=dataset.column_names, desc=f"{source.preset} rows")
     check_columns(dataset, resolve_source(source), source_label(source))
     return dataset
 
 
 def load_rows(source: DatasetSource, split: str | None = None, *, local_hint: str | None = None) -> datasets.Dataset:
-    """The source's raw rows, limited, with no check of columns (evaluation tasks read their own columns).
+    """The source's raw rows, limited (and rewritten into its format by a preset that says how), with no check
+    of columns (evaluation tasks read their own columns).
 
     ``local_hint`` is the advice given when the data cannot be downloaded (default: set `path:` to a local copy).
     """
@@ -57,6 +55,9 @@ def load_rows(source: DatasetSource, split: str | None = None, *, local_hint: st
         dataset = _load_hub(resolved, split, label, hint)
     if resolved.limit is not None:
         dataset = dataset.select(range(min(resolved.limit, len(dataset))))
+    convert = get_preset(source.preset).rows if source.preset else None
+    if convert is not None:  # a preset whose data needs rewriting into its format (GLUE → prompt/completion)
+        dataset = dataset.map(convert, remove_columns=dataset.column_names, desc=f"{source.preset} rows")
     return dataset
 
 

@@ -26,7 +26,6 @@ TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
     """A tiny random T5 (d_model 32, two blocks each side) in safetensors, with the tiny model's tokenizer."""
-    import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     from diablo_cli.models import tiny_model_dir
@@ -51,28 +50,16 @@ def t5_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def t5_recipe(t5_dir: Path, out: Path, *overrides: str):
-    return load_recipe(
-        TINY,
-        [
-            f"base_model={t5_dir}",
-            "adapter.target_modules=all-linear",
-            "adapter.blocks=4",
-            "data.datasets.0.template=plain",
-            f"output.dir={out}",
-            "logging.progress=false",
-            *overrides,
-        ],
-    )
+SHORT = ("data.datasets.0.limit=32", "training.max_steps=6", "training.save_steps=3", "training.eval_steps=3")
 
 
 def run(t5_dir: Path, out: Path, *overrides: str, resume: str | None = None):
+    """configs/tiny.yaml on the tiny T5: an ordinary recipe, no seq2seq key; the base's config decides."""
+    settings = [f"base_model={t5_dir}", "adapter.target_modules=all-linear", "adapter.blocks=4"]
+    settings += ["data.datasets.0.template=plain", f"output.dir={out}", "logging.progress=false", *SHORT]
     console = Console(file=io.StringIO(), width=200)
-    result = train(t5_recipe(t5_dir, out, *SHORT, *overrides), resume=resume, console=console)
+    result = train(load_recipe(TINY, [*settings, *overrides]), resume=resume, console=console)
     return result, console.file.getvalue()
-
-
-SHORT = ("data.datasets.0.limit=32", "training.max_steps=6", "training.save_steps=3", "training.eval_steps=3")
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -96,6 +83,10 @@ def test_seq2seq_rows_hold_the_prompt_for_the_encoder_and_only_the_answer_for_th
     assert row["labels"] == [*answer, tokenizer.eos_token_id]  # every label supervised, none of the prompt
     causal = prepare_data(config, tokenizer, seed=0).train[0]
     assert len(causal["input_ids"]) == len(causal["labels"]) > len(row["input_ids"])  # the layout it replaces
+    chat = config.model_copy(update={"datasets": [config.datasets[0].model_copy(update={"template": "chat"})]})
+    row = prepare_data(chat, tokenizer, seed=0, seq2seq=True).train[0]  # the tokenizer's chat template
+    assert tokenizer.decode(row["input_ids"]).endswith("a fine film<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(row["labels"]) == "positive<|im_end|>\n"
 
 
 def test_the_collator_shifts_labels_as_the_model_does_and_the_loss_is_normalised_by_tokens(t5_dir):

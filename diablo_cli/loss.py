@@ -82,6 +82,8 @@ class LossPath:
         if self._probe_first:
             self._probe_first = False
             self._settle(model)
+        if self._head is None and "decoder_input_ids" in batch:
+            return seq2seq_loss(model, batch, num_items)
         if self._head is None:
             return model(**batch, num_items_in_batch=num_items, use_cache=False).loss
         inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -127,6 +129,17 @@ def choose_loss(
         _require_liger(head)
     choice = _shortcut_choice(requested, head.out_features)
     return LossPath(choice, head, probe_first=obstacle is None, auto=requested == "auto", announce=announce)
+
+
+def seq2seq_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
+    """An encoder-decoder's summed token losses / ``num_items``. Its logits line up with its labels (no shift),
+    and Hugging Face's T5 loss is a mean over the micro-batch alone, which would weigh the micro-batches of an
+    accumulation window by their size rather than by their tokens; so the labels stay out of the forward pass."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"].to(logits.device)
+    summed = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / num_items
 
 
 def _cannot_run(kind: str, obstacle: str) -> DiaBloError:

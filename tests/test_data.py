@@ -460,7 +460,12 @@ def test_presets_resolve_to_their_documented_settings():
         ),
         "wizardlm": ("WizardLMTeam/WizardLM_evol_instruct_70k", {}),
     }
-    assert set(PRESETS) == set(expected)
+    glue = {f"glue-{task}": task for task in ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb")}
+    assert set(PRESETS) == set(expected) | set(glue)
+    for name, task in glue.items():  # T5's text-to-text form, rows rewritten by the preset (test_seq2seq.py)
+        resolved = resolve_source(DatasetSource(preset=name))
+        assert (resolved.path, resolved.name, resolved.split) == ("nyu-mll/glue", task, "train")
+        assert (resolved.format, resolved.template) == ("prompt_completion", "plain")
     for name, (path, fields) in expected.items():
         resolved = resolve_source(DatasetSource(preset=name))
         assert (resolved.path, resolved.fields, resolved.format, resolved.template) == (

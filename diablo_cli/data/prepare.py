@@ -10,9 +10,10 @@ import datasets
 
 from ..errors import DiaBloError
 from .config import DataConfig, DatasetSource
+from .formats import format_of
 from .packing import pack_dataset
 from .presets import resolve_source
-from .sources import load_raw_examples
+from .sources import load_raw_examples, source_label
 from .tokenize import tokenize_examples
 
 log = logging.getLogger("diablo_cli")
@@ -39,20 +40,23 @@ class PreparedData:
     stats: DataStats
 
 
-def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int) -> PreparedData:
+def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int, seq2seq: bool = False) -> PreparedData:
     """Load, format, tokenise, mix, split and (optionally) pack. The same inputs and seed give the same rows.
 
-    Rows hold `input_ids` and `labels` (same length), plus `position_ids` when packed; batch them with
-    `DataCollator`.
+    Rows hold `input_ids` and `labels` (same length), plus `position_ids` when packed; with ``seq2seq`` (an
+    encoder-decoder base) `input_ids` is the encoder's prompt and `labels` the decoder's response. Batch them
+    with `DataCollator`.
     """
     ensure_pad_token(tokenizer)
-    train_parts = [_tokenized(source, None, config, tokenizer) for source in config.datasets]
+    if seq2seq:
+        _refuse_for_seq2seq(config)
+    train_parts = [_tokenized(source, None, config, tokenizer, seq2seq) for source in config.datasets]
     train = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
     if config.shuffle:
         train = train.shuffle(seed=seed)
     validation: datasets.Dataset | None = None
     if config.validation_split:
-        parts = [_tokenized(source, config.validation_split, config, tokenizer) for source in config.datasets]
+        parts = [_tokenized(source, config.validation_split, config, tokenizer, seq2seq) for source in config.datasets]
         validation = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     elif config.validation_ratio > 0:
         train, validation = _hold_out(train, config.validation_ratio, seed=seed, shuffle=config.shuffle)
@@ -67,7 +71,10 @@ def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int) -> PreparedDa
         if len(validation) == 0:
             log.warning("no validation example has a supervised token within max_length; validation is skipped")
     supervised_tokens = sum(train["supervised"])
-    total_tokens = sum(min(n, config.max_length) for n in train["length"])
+    if seq2seq:  # the encoder's tokens and the decoder's, every one of which is supervised
+        total_tokens = sum(map(len, train["input_ids"])) + supervised_tokens
+    else:
+        total_tokens = sum(min(n, config.max_length) for n in train["length"])
     stats = DataStats(
         examples=examples,
         train_examples=len(train),
@@ -97,7 +104,9 @@ def ensure_pad_token(tokenizer: Any) -> None:
         log.info("the tokenizer has no pad token; padding with its eos token %r", tokenizer.eos_token)
 
 
-def _tokenized(source: DatasetSource, split: str | None, config: DataConfig, tokenizer: Any) -> datasets.Dataset:
+def _tokenized(
+    source: DatasetSource, split: str | None, config: DataConfig, tokenizer: Any, seq2seq: bool
+) -> datasets.Dataset:
     raw = load_raw_examples(source, split)
     return tokenize_examples(
         raw,
@@ -106,7 +115,28 @@ def _tokenized(source: DatasetSource, split: str | None, config: DataConfig, tok
         max_length=config.max_length,
         train_on_inputs=config.train_on_inputs,
         num_proc=config.num_proc,
+        seq2seq=seq2seq,
     )
+
+
+def _refuse_for_seq2seq(config: DataConfig) -> None:
+    """What the sequence-to-sequence layout cannot honour, refused in one line each."""
+    if config.packing:
+        raise DiaBloError(
+            "data.packing: an encoder-decoder model cannot be packed (its encoder attends both ways, so packed "
+            "examples would read each other, and each needs its own decoder); set packing: false"
+        )
+    if config.train_on_inputs:
+        raise DiaBloError(
+            "data.train_on_inputs: an encoder-decoder model learns only the decoder's response (the prompt is its "
+            "encoder's input, never predicted); set train_on_inputs: false"
+        )
+    for source in config.datasets:
+        if format_of(source) == "text":
+            raise DiaBloError(
+                f"dataset {source_label(source)}: format text has no prompt for an encoder-decoder model's encoder; "
+                "use instruction, prompt_completion or chat"
+            )
 
 
 def _hold_out(

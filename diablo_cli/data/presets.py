@@ -7,9 +7,13 @@ template. Anything the recipe sets itself wins: `preset: codealpaca` with `limit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from ..errors import DiaBloError
+from ..glue import GLUE_LABELS, glue_prompt, glue_target
 from .config import DatasetSource
 
 
@@ -22,6 +26,12 @@ class Preset:
     name: str | None = None
     split: str = "train"
     about: str = ""
+    rows: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # a raw row to the format's columns
+
+
+def glue_row(task: str, row: dict[str, Any]) -> dict[str, str]:
+    """A GLUE row as a prompt and completion, in T5's text-to-text form (the eval tasks' very rendering)."""
+    return {"prompt": glue_prompt(task, row), "completion": glue_target(task, row)}
 
 
 PRESETS: dict[str, Preset] = {
@@ -74,6 +84,19 @@ PRESETS: dict[str, Preset] = {
         template="alpaca",
         about="WizardLM Evol-Instruct, 70k evolved instructions",
     ),
+    # GLUE (Wang et al., 2019), hub nyu-mll/glue, one config per task, as T5 reads it (paper Table 8): the
+    # prompt is the task's name and its fields, the completion the label's name (eval's glue-* tasks score it).
+    **{
+        f"glue-{task}": Preset(
+            path="nyu-mll/glue",
+            name=task,
+            format="prompt_completion",
+            template="plain",
+            about=f"GLUE {task.upper()} training set, T5 text-to-text labels",
+            rows=partial(glue_row, task),
+        )
+        for task in GLUE_LABELS
+    },
 }
 
 

@@ -10,8 +10,14 @@ from ..records import SupervisedRun
 from .tokenize import IGNORE_INDEX
 
 
-def supervision_runs(tokenizer: Any, row: dict) -> list[SupervisedRun]:
-    """The decoded row in runs of supervised or masked tokens, each tagged with the packed example it is in."""
+def supervision_runs(tokenizer: Any, row: dict, *, seq2seq: bool = False) -> list[SupervisedRun]:
+    """The decoded row in runs of supervised or masked tokens, each tagged with the packed example it is in
+    (a seq2seq row: the encoder's input, masked, then the decoder's labels, supervised)."""
+    if seq2seq:
+        return [
+            SupervisedRun(0, False, tokenizer.decode(list(row["input_ids"]), skip_special_tokens=False)),
+            SupervisedRun(0, True, tokenizer.decode(list(row["labels"]), skip_special_tokens=False)),
+        ]
     ids = list(row["input_ids"])
     labels = list(row["labels"])
     positions = list(row.get("position_ids") or [0] + [1] * (len(ids) - 1))

@@ -19,7 +19,7 @@ from ..errors import DiaBloError
 from ..reading import read_json, read_json_lines, read_text
 from .config import DatasetSource
 from .formats import OPTIONAL_FIELDS, field_columns, format_of
-from .presets import resolve_source
+from .presets import get_preset, resolve_source
 
 _OFFLINE_NAMES = ("Offline", "Connect", "Timeout")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -33,7 +33,8 @@ def load_raw_examples(source: DatasetSource, split: str | None = None) -> datase
 
 
 def load_rows(source: DatasetSource, split: str | None = None, *, local_hint: str | None = None) -> datasets.Dataset:
-    """The source's raw rows, limited, with no check of columns (evaluation tasks read their own columns).
+    """The source's raw rows, limited (and rewritten into its format by a preset that says how), with no check
+    of columns (evaluation tasks read their own columns).
 
     ``local_hint`` is the advice given when the data cannot be downloaded (default: set `path:` to a local copy).
     """
@@ -54,6 +55,9 @@ def load_rows(source: DatasetSource, split: str | None = None, *, local_hint: st
         dataset = _load_hub(resolved, split, label, hint)
     if resolved.limit is not None:
         dataset = dataset.select(range(min(resolved.limit, len(dataset))))
+    convert = get_preset(source.preset).rows if source.preset else None
+    if convert is not None:  # a preset whose data needs rewriting into its format (GLUE → prompt/completion)
+        dataset = dataset.map(convert, remove_columns=dataset.column_names, desc=f"{source.preset} rows")
     return dataset
 
 

@@ -57,6 +57,41 @@ def encode_rendered(tokenizer: Any, rendered: list[RenderedExample]) -> list[tup
     return result
 
 
+def encode_seq2seq(tokenizer: Any, rendered: list[RenderedExample]) -> list[tuple[list[int], list[int]]]:
+    """Encoder and decoder ids of each example, for encoder-decoder models (T5).
+
+    The encoder reads the text before the last supervised span, tokenised as evaluation tokenises a generation
+    prompt (`generation_prompt_ids`: the tokenizer's BOS-like prefix, no specials after); the decoder is taught
+    that span, tokenised on its own as it will generate it from its start token, then eos where the format ends
+    a response with one. The two sides are separate sequences, so nothing straddles their boundary.
+    """
+    prefix = special_prefix_ids(tokenizer)
+    eos = tokenizer.eos_token_id
+    pairs = []
+    for r in rendered:
+        start, end = r.supervised[-1] if r.supervised else (len(r.text), len(r.text))
+        source = list(tokenizer(r.text[:start], add_special_tokens=False)["input_ids"])
+        target = list(tokenizer(r.text[start:end], add_special_tokens=False)["input_ids"])
+        if r.special_prefix:
+            source = prefix + source
+        if r.append_eos and eos is not None:
+            target.append(eos)
+        pairs.append((source, target))
+    return pairs
+
+
+def to_seq2seq_row(source: list[int], target: list[int], *, max_length: int) -> dict:
+    """input_ids (the encoder's) and labels (the decoder's, all supervised), each cut to max_length."""
+    ids, labels = source[:max_length], target[:max_length]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "length": len(source),
+        "truncated": len(source) > max_length or len(target) > max_length,
+        "supervised": len(labels),
+    }
+
+
 def to_training_row(ids: list[int], flags: list[bool], *, max_length: int, train_on_inputs: bool) -> dict:
     """input_ids and labels cut to max_length. The first label is always ignored: nothing predicts it, and
     ignoring it keeps a packed row's first token of each example from being predicted from the previous one."""
@@ -82,8 +117,10 @@ def tokenize_examples(
     max_length: int,
     train_on_inputs: bool,
     num_proc: int | None = None,
+    seq2seq: bool = False,
 ) -> datasets.Dataset:
-    """Raw rows to training rows (cached by `datasets` under the inputs' fingerprint)."""
+    """Raw rows to training rows (cached by `datasets` under the inputs' fingerprint): one causal stream, or
+    with ``seq2seq`` the encoder's input and the decoder's labels apart."""
     return raw.map(
         _tokenize_batch,
         batched=True,
@@ -95,20 +132,30 @@ def tokenize_examples(
             "tokenizer": tokenizer,
             "max_length": max_length,
             "train_on_inputs": train_on_inputs,
+            "seq2seq": seq2seq,
         },
         desc="tokenizing",
     )
 
 
 def _tokenize_batch(
-    batch: dict[str, list], source: DatasetSource, tokenizer: Any, max_length: int, train_on_inputs: bool
+    batch: dict[str, list],
+    source: DatasetSource,
+    tokenizer: Any,
+    max_length: int,
+    train_on_inputs: bool,
+    seq2seq: bool,
 ) -> dict[str, list]:
     examples = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     rendered = [render_example(example, source, tokenizer) for example in examples]
-    rows = [
-        to_training_row(ids, flags, max_length=max_length, train_on_inputs=train_on_inputs)
-        for ids, flags in encode_rendered(tokenizer, rendered)
-    ]
+    if seq2seq:
+        pairs = encode_seq2seq(tokenizer, rendered)
+        rows = [to_seq2seq_row(ids, labels, max_length=max_length) for ids, labels in pairs]
+    else:
+        rows = [
+            to_training_row(ids, flags, max_length=max_length, train_on_inputs=train_on_inputs)
+            for ids, flags in encode_rendered(tokenizer, rendered)
+        ]
     return {key: [row[key] for row in rows] for key in TOKENIZED_FEATURES}
 
 

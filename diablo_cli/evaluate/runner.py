@@ -299,7 +299,7 @@ def _glue_metrics(name: str, predictions: list[str | None], items: list[Item]) -
     from .answers import to_number
     from .metrics import f1_score, matthews_corrcoef, pearson, spearman
 
-    task = name.removeprefix("glue-")
+    task = name.removeprefix("glue-").removesuffix("-mm")  # MNLI's mismatched dev set is scored as MNLI
     labels = builtin.GLUE_LABELS[task]
     if not labels:
         values = [to_number(p) if p is not None else None for p in predictions]
@@ -429,14 +429,21 @@ def _loss_task(model, tokenizer, spec, settings, progress):
 
     from ..data.collator import DataCollator
     from ..data.tokenize import tokenize_examples
-    from ..loss import sequence_logprobs
+    from ..loss import seq2seq_loss, sequence_logprobs
 
+    config = model.config
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))  # as training lays it out: prompt → encoder
     raw = _training_format_examples(spec, settings)
-    rows = tokenize_examples(raw, spec.dataset, tokenizer, max_length=spec.max_length, train_on_inputs=False)
+    rows = tokenize_examples(
+        raw, spec.dataset, tokenizer, max_length=spec.max_length, train_on_inputs=False, seq2seq=seq2seq
+    )
     rows = [row for row in rows if row["supervised"]]
     if not rows:
         raise DiaBloError(f"eval task {spec.name}: no example has a supervised token (is the format right?)")
-    collate = DataCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    start = config.decoder_start_token_id if seq2seq else None
+    collate = DataCollator(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, decoder_start_token_id=start
+    )
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
@@ -446,9 +453,12 @@ def _loss_task(model, tokenizer, spec, settings, progress):
                 chunk = rows[start : start + settings.batch_size]
                 batch = collate([{k: r[k] for k in ("input_ids", "labels")} for r in chunk])
                 batch = {k: v.to(model.device) for k, v in batch.items()}
-                logprobs = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                total_loss -= float(logprobs.sum())
-                total_tokens += int((batch["labels"][:, 1:] != -100).sum())
+                if seq2seq:
+                    total_loss += float(seq2seq_loss(model, batch, 1))
+                else:
+                    logprobs = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                    total_loss -= float(logprobs.sum())
+                total_tokens += collate.supervised_tokens(batch)
                 if progress:
                     progress(f"{spec.name}: loss", min(start + len(chunk), len(rows)), len(rows))
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DiaBloError
+from ..glue import GLUE_FIELDS, GLUE_LABELS, glue_prompt, glue_target
 from . import answers
 
 LLM_ADAPTERS = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/dataset/{}/test.json"
@@ -137,38 +138,15 @@ def _commonsense(name: str) -> tuple[Callable[[dict], Item], Callable[[str, Item
 
 # ---- GLUE: T5's text-to-text format -----------------------------------------------------------------------------
 
-GLUE_LABELS: dict[str, tuple[str, ...]] = {
-    "cola": ("unacceptable", "acceptable"),
-    "sst2": ("negative", "positive"),
-    "mrpc": ("not_equivalent", "equivalent"),
-    "qqp": ("not_duplicate", "duplicate"),
-    "mnli": ("entailment", "neutral", "contradiction"),
-    "qnli": ("entailment", "not_entailment"),
-    "rte": ("entailment", "not_entailment"),
-    "stsb": (),
-}
-GLUE_FIELDS: dict[str, tuple[str, ...]] = {
-    "cola": ("sentence",),
-    "sst2": ("sentence",),
-    "mrpc": ("sentence1", "sentence2"),
-    "qqp": ("question1", "question2"),
-    "mnli": ("hypothesis", "premise"),
-    "qnli": ("question", "sentence"),
-    "rte": ("sentence1", "sentence2"),
-    "stsb": ("sentence1", "sentence2"),
-}
-
 
 def _glue(name: str) -> tuple[Callable[[dict], Item], Callable[[str, Item], Judgement]]:
     labels = GLUE_LABELS[name]
 
     def read(row: dict) -> Item:
-        text = f"{name} " + " ".join(f"{column}: {row[column]}" for column in GLUE_FIELDS[name])
-        if not labels:  # STS-B: similarity 0..5, written to one decimal in steps of 0.2 as T5 does
-            score = float(row["label"])
-            return Item(text, f"{round(score * 5) / 5:.1f}", extra={"label": score})
-        label = int(row["label"])
-        return Item(text, labels[label], choices=labels, extra={"label": label})
+        text, reference = glue_prompt(name, row), glue_target(name, row)
+        if not labels:  # STS-B: the gold similarity itself, for Pearson and Spearman
+            return Item(text, reference, extra={"label": float(row["label"])})
+        return Item(text, reference, choices=labels, extra={"label": int(row["label"])})
 
     def judge(generated: str, item: Item) -> Judgement:
         words = generated.strip().lower().split()
@@ -256,11 +234,15 @@ def _build_registry() -> dict[str, TaskDefinition]:
         DataOrigin("LLM-Tuning-Safety/HEx-PHI", split="train"), _read_prompt, None,
         (("prompt", "instruction", "text", "question", "0"),), 128, stop_alpaca,
     )  # fmt: skip
-    for name in GLUE_LABELS:
+    glue_sets = [(name, name, "validation", "") for name in GLUE_LABELS if name != "mnli"]
+    glue_sets[4:4] = [
+        ("mnli", "mnli", "validation_matched", " matched"),
+        ("mnli-mm", "mnli", "validation_mismatched", " mismatched"),
+    ]
+    for task_name, name, split, part in glue_sets:
         read, judge = _glue(name)
-        split = "validation_matched" if name == "mnli" else "validation"
-        tasks[f"glue-{name}"] = TaskDefinition(
-            f"glue-{name}", "glue", f"GLUE {name.upper()} dev set, T5 text-to-text labels",
+        tasks[f"glue-{task_name}"] = TaskDefinition(
+            f"glue-{task_name}", "glue", f"GLUE {name.upper()}{part} dev set, T5 text-to-text labels",
             DataOrigin("nyu-mll/glue", (name,), split), read, judge, (GLUE_FIELDS[name], ("label",)), 8, (),
             "plain", supports_loglik=bool(GLUE_LABELS[name]),
         )  # fmt: skip

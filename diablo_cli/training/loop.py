@@ -160,7 +160,7 @@ class Loop:
         supervised tokens (all processes)."""
         accelerator, model = self.accelerator, self.model
         model.train()
-        supervised = sum(int((b["labels"][..., 1:] != -100).sum()) for b in window)
+        supervised = sum(self.collator.supervised_tokens(b) for b in window)
         supervised_all = int(accelerator.reduce(torch.tensor(supervised, device=accelerator.device), "sum"))
         if supervised_all == 0:
             raise DiaBloError(
@@ -178,8 +178,7 @@ class Loop:
                 loss = loss * accelerator.num_processes
                 backward(accelerator, model, loss, window_end=last, engine=self.engine)
             window_loss += loss.detach().float().item() / accelerator.num_processes
-            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            self._window_tokens += tokens
+            self._window_tokens += self.collator.tokens(batch)
         window_loss = float(accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "sum"))
         return window_loss, supervised_all
 
@@ -430,7 +429,7 @@ def validation_loss(accelerator, model, rows, collator, batch_size: int, loss_pa
     loader = accelerator.prepare_data_loader(loader)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in loader:
-        count = int((batch["labels"][..., 1:] != -100).sum())
+        count = collator.supervised_tokens(batch)
         if count:
             loss = loss_path.loss(model, batch, count)
             total += torch.tensor([loss.item() * count, count], device=accelerator.device, dtype=torch.float64)

@@ -11,12 +11,12 @@ from ..loss import held_logit_rows, planned_loss
 from ..models import base_quantization
 from ..recipe import Recipe
 from ..report import describe_supervision
-from .setup import attach_adapter, print_dtype
+from .setup import attach_adapter, print_dtype, training_layout
 
 
 def show_plan(recipe: Recipe, console: Console):
     """The resolved recipe, its parameter table on a weightless (meta-device) model and the memory
-    estimate; touches no data and no weights. Returns the base's tokenizer."""
+    estimate; touches no data and no weights. Returns the base's tokenizer and config."""
     from rich.syntax import Syntax
     from transformers import AutoConfig, AutoTokenizer
 
@@ -53,6 +53,7 @@ def show_plan(recipe: Recipe, console: Console):
             **kwargs,
         )
         print_dtype(console, dtype)
+        training_layout(config)
         console.print(planned_loss(config, recipe.training.loss).describe(), highlight=False)
     except DiaBloError as err:  # a plan shows what would stop the run, then goes on
         console.print(f"[bold red]would stop:[/] {err}", highlight=False, soft_wrap=True)
@@ -79,7 +80,7 @@ def show_plan(recipe: Recipe, console: Console):
         f"memory at micro batch {recipe.training.micro_batch_size} × {recipe.data.max_length} tokens: "
         + estimate.describe()
     )
-    return tokenizer
+    return tokenizer, config
 
 
 def _planned_quantization(recipe: Recipe, config) -> dict[str, Any] | None:
@@ -102,7 +103,8 @@ def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2
     from ..data import prepare_data, supervision_runs
 
     console = console or Console()
-    tokenizer = show_plan(recipe, console)
+    tokenizer, config = show_plan(recipe, console)
+    seq2seq = training_layout(config) == "seq2seq"
     sample = recipe.data.model_copy(
         update={
             "datasets": [s.model_copy(update={"limit": min(s.limit or 16, 16)}) for s in recipe.data.datasets],
@@ -110,7 +112,7 @@ def dry_run(recipe: Recipe, *, console: Console | None = None, examples: int = 2
             "validation_split": None,
         }
     )
-    data = prepare_data(sample, tokenizer, seed=recipe.training.seed)
+    data = prepare_data(sample, tokenizer, seed=recipe.training.seed, seq2seq=seq2seq)
     for index in range(min(examples, len(data.train))):
         console.rule(f"example {index + 1}: [bold green]supervised[/] / [dim]masked[/]")
-        console.print(describe_supervision(supervision_runs(tokenizer, data.train[index])))
+        console.print(describe_supervision(supervision_runs(tokenizer, data.train[index], seq2seq=seq2seq)))

@@ -45,7 +45,7 @@ from ..run_folder import (
 from ..tracking import MetricsLog, read_metrics
 from .evals import run_eval_tasks, tasks_to_score
 from .loop import Loop, stop_on_signals
-from .setup import build_optimizer, load_and_attach, optimizer_class, plan_steps, start_processes
+from .setup import build_optimizer, load_and_attach, optimizer_class, plan_steps, start_processes, training_layout
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _train_in_folder(
     checkpoint = _checkpoint_to_resume(output_dir, resume, say)
     if checkpoint is not None:  # the weights go in before accelerate shards them; the optimizer's state after
         method.restore(model, checkpoint)
-    data, collator = _prepare_data(recipe, tokenizer, say)
+    data, collator = _prepare_data(recipe, tokenizer, model.config, say)
     steps = plan_steps(recipe.training, len(data.train), processes)
     model, optimizer, scheduler = build_optimizer(recipe, accelerator, model, optimizer_cls, optimizer_kwargs, steps)
     state = TrainerState(recipe=recipe.model_dump(mode="json"), data_fingerprint=data.train._fingerprint)
@@ -178,15 +178,18 @@ def _checkpoint_to_resume(output_dir: Path, resume: str | None, console: Console
     return checkpoint
 
 
-def _prepare_data(recipe: Recipe, tokenizer, console: Console | None):
-    """The recipe's data, tokenised and masked, and the collator that pads its batches."""
+def _prepare_data(recipe: Recipe, tokenizer, config, console: Console | None):
+    """The recipe's data, tokenised and masked in the layout the base's architecture learns from, and the
+    collator that pads its batches."""
     from ..data import DataCollator, prepare_data  # datasets loads here, not when `diablo inspect` shows a plan
 
+    seq2seq = training_layout(config) == "seq2seq"
     with spinner(console, "preparing data") if console is not None else nullcontext():
-        data = prepare_data(recipe.data, tokenizer, seed=recipe.training.seed)
+        data = prepare_data(recipe.data, tokenizer, seed=recipe.training.seed, seq2seq=seq2seq)
     if console is not None:
         _print_data_stats(console, data.stats, recipe)
-    return data, DataCollator(pad_token_id=tokenizer.pad_token_id)
+    start = config.decoder_start_token_id if seq2seq else None
+    return data, DataCollator(pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=start)
 
 
 def _resume_state(

@@ -98,6 +98,29 @@ def start_processes(recipe: Recipe, accelerator) -> str:
     return engine
 
 
+def training_layout(config) -> str:
+    """The layout of rows this architecture learns from: ``causal`` (prompt and answer in one stream, decoder-only
+    models) or ``seq2seq`` (the prompt for the encoder, the answer for the decoder: T5 and the other text
+    encoder-decoders transformers loads as a seq2seq LM). Any other family is refused before data is tokenised:
+    training it on the causal layout would exit 0 and teach the wrong thing."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return "causal"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    if model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise DiaBloError(
+            f"base_model: {model_type!r} is an encoder-decoder model that is not a text-to-text language model, "
+            "which `diablo train` has no loop for; train a decoder-only model or a text encoder-decoder such as T5"
+        )
+    if getattr(config, "decoder_start_token_id", None) is None:
+        raise DiaBloError(
+            f"base_model: the {model_type!r} config sets no decoder_start_token_id, so its decoder has no first "
+            "input; set it in the model's config.json (T5 uses its pad token id, 0)"
+        )
+    return "seq2seq"
+
+
 def load_and_attach(
     recipe: Recipe, accelerator, console: Console | None
 ) -> tuple[TrainingMethod, torch.nn.Module, Any, ParameterReport, LossPath]:
@@ -115,6 +138,7 @@ def load_and_attach(
         quantization=recipe.model.quantization,
         device=accelerator.device,
     )
+    training_layout(model.config)
     quantized = prepare_quantized_training(model)  # before any forward pass: see quantize/trainable.py
     if console is not None and quantized is not None:
         console.print(f"base: {quantized.describe()}")

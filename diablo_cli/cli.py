@@ -186,6 +186,43 @@ def merge(
                 console.print(line, highlight=False)
 
 
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="An official run folder or adapter.chkpt (--to official: an adapter)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The adapter folder to write (--to official: the .chkpt)."),
+    base: str | None = typer.Option(None, "--base", help="The base the run trained (hub id, folder or alias)."),
+    blocks: int | None = typer.Option(None, "--blocks", min=1, help="The run's --num_blocks (default: inferred)."),
+    to: str = typer.Option("diablo", "--to", help="diablo (default): official → adapter folder; official: back."),
+    dropout: float = typer.Option(0.05, "--dropout", help="The run's --dropout, recorded (the official default 0.05)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an adapter diablo convert wrote before."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Read the base's own config code."),
+) -> None:
+    """Bring an adapter trained with the official DiaBlo code (ziyangjoy/DiaBlo) in, or hand one back to it."""
+    with command_output("convert", verbose=session.verbose) as log, _on_interrupt(_staged_output("convert", output)):
+        from .convert import convert_from_official, convert_to_official
+        from .report import conversion_summary
+
+        if to not in ("diablo", "official"):
+            raise DiaBloError(f"--to {to!r}: diablo (an official checkpoint in) or official (an adapter out)")
+        if to == "official":
+            report = convert_to_official(source, output)
+        elif base is None:
+            raise DiaBloError("--base: an official adapter.chkpt does not record its base; name the model it trained")
+        else:
+            report = convert_from_official(
+                source,
+                output,
+                base=base,
+                blocks=blocks,
+                dropout=dropout,
+                overwrite=overwrite,
+                trust_remote_code=trust_remote_code,
+            )
+        console = Console(file=log.out)
+        for line in conversion_summary(report):
+            console.print(line, highlight=False)
+
+
 @app.command("eval")
 def eval_command(
     recipe: Path | None = typer.Argument(None, help="A recipe whose `eval:` section names the tasks (optional)."),

@@ -88,6 +88,7 @@ def extract_adapter(
             missing = base_dir if key not in base_files else tuned_dir
             raise DiaBloError(f"{missing} has no tensor {key} for the targeted layer {target.name}")
         weight_keys[stored[0]] = target.name
+    _check_shapes(weight_keys, base_files, tuned_files)
     features = {t.name: (t.in_features, t.out_features) for t in chosen}
 
     output = ModelOutput(Path(output), command=EXTRACT, overwrite=overwrite)
@@ -141,13 +142,10 @@ def _stream_blocks(
             tuned = reader(tuned_files[key]).get_tensor(key)
             pre = reader(base_files[key]).get_tensor(key)
             name = weight_keys.get(key)
-            if tuned.shape != pre.shape:
-                if name is not None:
-                    raise DiaBloError(
-                        f"{key}: the fine-tune's is {tuple(tuned.shape)}, the base's {tuple(pre.shape)}; "
-                        "give the base the fine-tune started from"
-                    )
-                report.other_tensors += 1  # e.g. embeddings resized for added tokens: left out, not measured
+            if (
+                tuned.shape != pre.shape
+            ):  # not a targeted weight (checked before): e.g. embeddings resized for new tokens
+                report.other_tensors += 1
             elif tuned.is_floating_point():
                 update = tuned.float() - pre.float()
                 if name is None:
@@ -171,6 +169,20 @@ def _stream_blocks(
             if progress:
                 progress(f"tensors ({tuned_files[key].name})", done, len(shared))
     return extracted
+
+
+def _check_shapes(weight_keys: dict[str, str], base_files: dict[str, Path], tuned_files: dict[str, Path]) -> None:
+    """Before any weight is read: every targeted weight has one shape in both models (headers only)."""
+    for key in weight_keys:
+        shapes = []
+        for files in (tuned_files, base_files):
+            with open_safetensors(files[key], DAMAGED_MODEL_ADVICE) as reader:
+                shapes.append(tuple(reader.get_slice(key).get_shape()))
+        if shapes[0] != shapes[1]:
+            raise DiaBloError(
+                f"{key}: the fine-tune's is {shapes[0]}, the base's {shapes[1]}; "
+                "give the base the fine-tune started from"
+            )
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:

@@ -39,7 +39,7 @@ def extract_table(report: ExtractReport) -> Table:
     """Per module kind: how much of the full fine-tune's update (its Frobenius energy) the diagonal blocks keep."""
     title = f"diagonal blocks of {report.finetuned} − {report.base} (N={report.blocks}, s={report.scale:g})"
     table = Table(title=title)
-    for column in ("module", "layers", "blocks", "update energy kept", "lowest layer", "highest layer"):
+    for column in ("module", "layers", "N", "energy kept", "least in a layer", "most in a layer"):
         table.add_column(column, justify="left" if column == "module" else "right")
     for kind in report.kinds():
         rows = [m for m in report.modules if m.kind == kind]

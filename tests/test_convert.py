@@ -8,6 +8,7 @@ code follows, not imported: for N blocks a layer gets d1 = ⌈in/N⌉, d2 = ⌈o
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from diablo_cli.convert import (
     official_block_count,
     read_official_checkpoint,
 )
+from diablo_cli.recipe import load_recipe
 
 QKVUD = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
@@ -235,3 +237,43 @@ def test_outputs_are_never_replaced_unless_diablo_wrote_them(tmp_path, tiny_base
     with pytest.raises(DiaBloError, match="exists; diablo does not replace"):
         convert_to_official(tmp_path / "adapter", tmp_path / "theirs.chkpt")
     assert (tmp_path / "theirs.chkpt").read_bytes() == b"someone else's"
+
+
+# ---- the design card's lines, as written ---------------------------------------------------------------------------
+
+REPO = Path(__file__).parents[1]
+
+
+def test_card_recipe_path_resolves_to_the_paper_recipe():
+    alias, paper = (
+        load_recipe(REPO / "configs" / "metamath.yaml"),
+        load_recipe(REPO / "configs" / "paper" / "metamath.yaml"),
+    )
+    assert alias.output.dir == "out" and alias.base_model == paper.base_model == "llama2-7b"
+    assert alias.model_dump(exclude={"output"}) == paper.model_dump(exclude={"output"})
+    with pytest.raises(
+        DiaBloError, match=r"configs/metamth\.yaml does not exist; did you mean .*configs/metamath\.yaml\?$"
+    ):
+        load_recipe(REPO / "configs" / "metamth.yaml")
+    with pytest.raises(DiaBloError, match=r"did you mean .*configs/paper/commonsense-fp16\.yaml\?$"):
+        load_recipe(REPO / "configs" / "commonsense.yaml")
+
+
+def test_card_merge_against_an_alias_not_downloaded_is_one_line(tmp_path, capsys):
+    """convert reads a paper alias's shipped config offline; merge then needs its weights and says so in one line."""
+    torch.save({"model.layers.0.self_attn.q_proj.block_A": torch.ones(316, 13, 13)}, tmp_path / OFFICIAL_FILE)
+    report = convert_from_official(tmp_path / OFFICIAL_FILE, tmp_path / "out", base="llama2-7b", blocks=320)
+    assert report.shrunk == {"q_proj": 316} and report.targets == "Q" and report.layers == (0, 0)
+    with pytest.raises(SystemExit) as stop:
+        cli_module.main(["merge", "--adapter", str(tmp_path / "out"), "--base", "llama2-7b"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: base model 'llama2-7b'") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out-merged").exists()
+
+
+def test_card_inspect_budget_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_module.main(["inspect", "llama2-7b", "--budget", "1%"])
+    assert stop.value.code == 0
+    assert "blocks: 68" in capsys.readouterr().out

@@ -19,7 +19,10 @@ def conversion_summary(report: ConversionReport) -> list[str]:
         f"{report.dtype}; --num_blocks {report.blocks} (from {report.blocks_from})"
     )
     if report.shrunk:
-        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(report.shrunk.items()))
+        by_count: dict[int, list[str]] = {}
+        for kind, count in report.shrunk.items():
+            by_count.setdefault(count, []).append(kind)
+        kinds = "; ".join(f"{count} in {', '.join(kinds)}" for count, kinds in sorted(by_count.items()))
         lines.append(
             f"the official code gives fewer blocks where {report.blocks} does not divide a layer: {kinds} "
             "(kept exactly, as blocks_by_module)"

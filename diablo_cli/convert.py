@@ -30,7 +30,13 @@ import torch
 
 from .adapter import DiaBloConfig, read_adapter_config, select_targets
 from .adapter.config import canonical_dtype
-from .adapter.files import DAMAGED_ADAPTER_ADVICE, WEIGHTS_FILE, describe_base, write_adapter_folder
+from .adapter.files import (
+    DAMAGED_ADAPTER_ADVICE,
+    OFFICIAL_CHECKPOINT,
+    WEIGHTS_FILE,
+    describe_base,
+    write_adapter_folder,
+)
 from .adapter.layer import ADAPTER_PARAMETER, linear_features
 from .adapter.targets import layer_index, module_letters
 from .atomic import atomic_path
@@ -41,7 +47,7 @@ from .reading import open_safetensors
 from .records import ConversionReport
 from .run_folder import CONVERT, ModelOutput
 
-OFFICIAL_FILE = "adapter.chkpt"
+OFFICIAL_FILE = OFFICIAL_CHECKPOINT
 OFFICIAL_KEY_SUFFIX = ".block_A"
 OFFICIAL_DROPOUT = 0.05
 """The official trainer's ``--dropout`` default (ours is 0)."""

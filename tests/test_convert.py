@@ -197,6 +197,11 @@ def test_not_a_checkpoint_and_foreign_keys_are_one_line(tmp_path, tiny_base):
     torch.save({"model.embed_tokens.weight": torch.zeros(4, 4)}, tmp_path / "model.chkpt")
     with pytest.raises(DiaBloError, match=r"model\.embed_tokens\.weight.*keys end in \.block_A"):
         read_official_checkpoint(tmp_path / "model.chkpt")
+    run = tmp_path / "run" / "checkpoint-10"
+    run.mkdir(parents=True)
+    save_official(official_model(8), run / OFFICIAL_FILE)
+    with pytest.raises(DiaBloError, match=r"is a run of the official DiaBlo code .*convert it first: diablo convert"):
+        load_adapter(tiny_llama(), tmp_path / "run")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiaBloError, match=r"holds no adapter\.chkpt"):
         convert_from_official(tmp_path / "empty", tmp_path / "out", base=str(tiny_base))

@@ -77,6 +77,23 @@ def test_merged_extract_is_base_plus_scaled_diagonal_of_the_update(tmp_path, pai
     assert 0 < total < 1
 
 
+def test_diablo_merge_of_the_extract_is_the_dense_formula(tmp_path, pair):
+    """The merge command (streaming, verified) on the extracted adapter writes W_pre + s·blockdiag(W_ft − W_pre)."""
+    from diablo_cli.merge import merge_adapter
+
+    pre_dir, ft_dir = pair
+    extract_adapter(str(pre_dir), str(ft_dir), tmp_path / "adapter", blocks=9, scale=0.7)
+    report = merge_adapter(tmp_path / "adapter", tmp_path / "merged", dtype="fp32")
+    assert report.verification.passed and report.changed_weights == 15
+    pre, ft, merged = dense_weights(pre_dir), dense_weights(ft_dir), dense_weights(tmp_path / "merged")
+    for key in pre:
+        expected = pre[key]
+        if key.rsplit(".", 2)[-2] in QKVUD:
+            update = ft[key] - pre[key]
+            expected = pre[key] + torch.where(block_mask(*update.shape, 9), update * 0.7, torch.zeros_like(update))
+        assert torch.equal(merged[key], expected), key
+
+
 def test_adapter_folder_records_config_and_source(tmp_path, pair):
     pre_dir, ft_dir = pair
     extract_adapter(str(pre_dir), str(ft_dir), tmp_path / "a", blocks=8, targets="qkvud", layers=(1, 2), scale=0.5)

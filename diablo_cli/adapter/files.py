@@ -32,6 +32,8 @@ CONFIG_FILE = ADAPTER_CONFIG
 WEIGHTS_FILE = ADAPTER_WEIGHTS
 FORMAT_NAME = "diablo-adapter"
 FORMAT_VERSION = 1
+OFFICIAL_CHECKPOINT = "adapter.chkpt"
+"""What the official DiaBlo trainer (ziyangjoy/DiaBlo) saves instead; diablo_cli/convert.py reads it."""
 DAMAGED_ADAPTER_ADVICE = "copy the adapter folder again from where it was saved, or train it again"
 
 
@@ -139,6 +141,14 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise DiaBloError(
             f"{directory} is a model folder (a `type: full` run?), not an adapter: use it as a model "
             "(diablo eval --model DIR), it needs no merge"
+        )
+    if not config_path.is_file() and [
+        *directory.glob(OFFICIAL_CHECKPOINT),
+        *directory.glob(f"*/{OFFICIAL_CHECKPOINT}"),
+    ]:
+        raise DiaBloError(
+            f"{directory} is a run of the official DiaBlo code ({OFFICIAL_CHECKPOINT}); convert it first: "
+            f"diablo convert {directory} --base BASE -o ADAPTER_DIR"
         )
     if not config_path.is_file():
         raise DiaBloError(

@@ -330,7 +330,7 @@ def convert_to_official(adapter_dir: str | os.PathLike, output: str | os.PathLik
     recorded = (document.get("config") or {}).get("blocks")
     count = _official_count(modules, recorded, adapter_dir)
     target = Path(output)
-    if target.is_dir():
+    if target.is_dir() or str(output).endswith(os.sep):
         target = target / OFFICIAL_FILE
     if target.exists() or target.is_symlink():
         raise DiaBloError(

@@ -111,7 +111,8 @@ def extract_adapter(
         raise
     finally:
         output.close()
-    report.modules.sort(key=lambda m: list(features).index(m.name))
+    order = {name: index for index, name in enumerate(features)}
+    report.modules.sort(key=lambda m: order[m.name])  # model order, as the shards' sorted keys are not
     report.parameters = sum(t.numel() for t in extracted.values())
     return report
 

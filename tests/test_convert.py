@@ -91,6 +91,19 @@ def test_block_count_rule_matches_the_issue():
     assert 32 * layer == 20_638_592
 
 
+def test_official_layout_is_ours_with_n_eff_blocks():
+    """Why conversion is exact: with N_eff blocks our layout has the official block shape, for every shape."""
+    from diablo_cli.adapter import BlockLayout
+    from diablo_cli.convert import official_shape
+
+    for in_features in range(1, 70):
+        for out_features in (*range(1, 40), 176, 11008):
+            for blocks in range(1, min(in_features, out_features) + 1):
+                shape = official_shape(in_features, out_features, blocks)
+                assert shape[0] <= blocks
+                assert BlockLayout(in_features, out_features, shape[0]).shape == shape
+
+
 @pytest.mark.parametrize("blocks", [8, 9])
 def test_official_checkpoint_converts_and_matches_logits(tmp_path, tiny_base, tokens, blocks):
     official = official_model(blocks)

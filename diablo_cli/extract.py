@@ -9,7 +9,6 @@ two models. Each targeted layer reports the share of the update's Frobenius ener
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -129,47 +128,54 @@ def _stream_blocks(
     """Walk the fine-tune's shards one tensor at a time beside the base's: the targeted weights give their scaled
     diagonal blocks and energies, every other changed float tensor adds to the energy left out."""
     extracted: dict[str, torch.Tensor] = {}
-    shared = [key for key in tuned_files if key in base_files]
-    done = 0
-    with contextlib.ExitStack() as stack:
-        readers: dict[Path, object] = {}
-
-        def reader(path: Path):
-            if path not in readers:
-                readers[path] = stack.enter_context(open_safetensors(path, DAMAGED_MODEL_ADVICE))
-            return readers[path]
-
-        for key in shared:
-            tuned = reader(tuned_files[key]).get_tensor(key)
-            pre = reader(base_files[key]).get_tensor(key)
-            name = weight_keys.get(key)
-            if (
-                tuned.shape != pre.shape
-            ):  # not a targeted weight (checked before): e.g. embeddings resized for new tokens
-                report.other_tensors += 1
-            elif tuned.is_floating_point():
-                update = tuned.float() - pre.float()
-                if name is None:
-                    energy = float(update.square().sum(dtype=torch.float64))
-                    report.other_energy += energy
-                    report.other_tensors += int(energy > 0)
-                else:
-                    if is_conv1d(modules[name]):
-                        update = update.T
-                    diagonal = diagonal_of(update, blocks_for(name, config))
-                    report.modules.append(
-                        ExtractedModule(
-                            name,
-                            diagonal.shape[0],
-                            float(update.square().sum(dtype=torch.float64)),
-                            float(diagonal.square().sum(dtype=torch.float64)),
-                        )
-                    )
-                    extracted[name] = diagonal * report.scale
-            done += 1
-            if progress:
-                progress(f"tensors ({tuned_files[key].name})", done, len(shared))
+    shards: dict[Path, list[str]] = {}
+    for key, shard in tuned_files.items():
+        if key in base_files:
+            shards.setdefault(shard, []).append(key)
+    total, done = sum(map(len, shards.values())), 0
+    for shard, keys in shards.items():  # one fine-tune shard mapped at a time, each base tensor read beside it
+        with open_safetensors(shard, DAMAGED_MODEL_ADVICE) as tuned_reader:
+            for key in keys:
+                tuned = tuned_reader.get_tensor(key)
+                with open_safetensors(base_files[key], DAMAGED_MODEL_ADVICE) as base_reader:
+                    pre = base_reader.get_tensor(key)
+                _measure(key, tuned, pre, weight_keys.get(key), modules, config, report, extracted)
+                done += 1
+                if progress:
+                    progress(f"tensors ({shard.name})", done, total)
     return extracted
+
+
+def _measure(
+    key: str,
+    tuned: torch.Tensor,
+    pre: torch.Tensor,
+    name: str | None,
+    modules: dict[str, torch.nn.Module],
+    config: DiaBloConfig,
+    report: ExtractReport,
+    extracted: dict[str, torch.Tensor],
+) -> None:
+    """One weight pair: a targeted layer (``name``) gives its scaled diagonal blocks and energies; any other changed
+    float tensor adds to the energy left out."""
+    if tuned.shape != pre.shape:  # not a targeted weight (checked before): e.g. embeddings resized for new tokens
+        report.other_tensors += 1
+        return
+    if not tuned.is_floating_point():
+        return
+    update = tuned.float() - pre.float()
+    if name is None:
+        energy = float(update.square().sum(dtype=torch.float64))
+        report.other_energy += energy
+        report.other_tensors += int(energy > 0)
+        return
+    if is_conv1d(modules[name]):
+        update = update.T
+    diagonal = diagonal_of(update, blocks_for(name, config))
+    update_energy = float(update.square().sum(dtype=torch.float64))
+    kept_energy = float(diagonal.square().sum(dtype=torch.float64))
+    report.modules.append(ExtractedModule(name, diagonal.shape[0], update_energy, kept_energy))
+    extracted[name] = diagonal * report.scale
 
 
 def _check_shapes(weight_keys: dict[str, str], base_files: dict[str, Path], tuned_files: dict[str, Path]) -> None:

@@ -1,6 +1,6 @@
 """The ``diablo`` command: a thin Typer skin over the library's plain functions.
 
-Subcommands: train, eval, merge, quantize, inspect. Whatever they raise as a
+Subcommands: train, eval, merge, quantize, inspect, convert, extract. Whatever they raise as a
 DiaBloError is printed as one line and exits with status 2, never as a traceback. Ctrl-C and SIGTERM end
 every command the same way: one line saying what was kept and what was removed, exit 130 / 143. Third-party
 output goes to a log file while a command runs (quiet.py), so the terminal holds diablo's own lines.
@@ -184,6 +184,83 @@ def merge(
             log.keep_log_in(output)
             for line in merge_summary(report):
                 console.print(line, highlight=False)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="An official run folder or adapter.chkpt (--to official: an adapter)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The adapter folder to write (--to official: the .chkpt)."),
+    base: str | None = typer.Option(None, "--base", help="The base the run trained (hub id, folder or alias)."),
+    blocks: int | None = typer.Option(None, "--blocks", min=1, help="The run's --num_blocks (default: inferred)."),
+    to: str = typer.Option("diablo", "--to", help="diablo (default): official → adapter folder; official: back."),
+    dropout: float = typer.Option(0.05, "--dropout", help="The run's --dropout, recorded (the official default 0.05)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an adapter diablo convert wrote before."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Read the base's own config code."),
+) -> None:
+    """Bring an adapter trained with the official DiaBlo code (ziyangjoy/DiaBlo) in, or hand one back to it."""
+    with command_output("convert", verbose=session.verbose) as log, _on_interrupt(_staged_output("convert", output)):
+        from .convert import convert_from_official, convert_to_official
+        from .report import conversion_summary
+
+        if to not in ("diablo", "official"):
+            raise DiaBloError(f"--to {to!r}: diablo (an official checkpoint in) or official (an adapter out)")
+        if to == "official":
+            report = convert_to_official(source, output)
+        elif base is None:
+            raise DiaBloError("--base: an official adapter.chkpt does not record its base; name the model it trained")
+        else:
+            report = convert_from_official(
+                source,
+                output,
+                base=base,
+                blocks=blocks,
+                dropout=dropout,
+                overwrite=overwrite,
+                trust_remote_code=trust_remote_code,
+            )
+        console = Console(file=log.out)
+        for line in conversion_summary(report):
+            console.print(line, highlight=False)
+
+
+@app.command()
+def extract(
+    base: str = typer.Option(..., "--base", help="The model the fine-tune started from (folder, hub id or alias)."),
+    finetuned: str = typer.Option(..., "--finetuned", help="The fully fine-tuned model (safetensors folder)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The adapter folder to write."),
+    blocks: int | None = typer.Option(None, "--blocks", min=1, help="N diagonal blocks per layer (default 64)."),
+    budget: str | None = typer.Option(None, "--budget", help="Pick N for a budget, as inspect does: 1%, 70M."),
+    targets: str = typer.Option("QKVUD", "--targets", help="Letters (QKVOGUD), all-linear, names (a,b) or a regex."),
+    layers: str | None = typer.Option(None, "--layers", help="Inclusive block range, e.g. 0-15."),
+    scale: float = typer.Option(1.0, "--scale", help="s: the blocks keep s·(W_ft − W_pre) (paper A.4.8: 0.7–0.75)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an adapter diablo extract wrote before."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Read the models' own config code."),
+) -> None:
+    """Keep the diagonal blocks of a full fine-tune's update as a DiaBlo adapter; report the energy they keep."""
+    with command_output("extract", verbose=session.verbose) as log, _on_interrupt(_staged_output("extract", output)):
+        from .extract import extract_adapter
+        from .inspection import parse_layers, parse_targets
+        from .report import extract_summary, extract_table, task_progress
+
+        console = Console(file=log.out)
+        with task_progress(console, "extracting") as advance:
+            report = extract_adapter(
+                base,
+                finetuned,
+                output,
+                blocks=blocks,
+                budget=budget,
+                targets=parse_targets(targets),
+                layers=parse_layers(layers),
+                scale=scale,
+                overwrite=overwrite,
+                trust_remote_code=trust_remote_code,
+                progress=advance,
+            )
+        log.keep_log_in(output)
+        console.print(extract_table(report))
+        for line in extract_summary(report):
+            console.print(line, highlight=False)
 
 
 @app.command("eval")

@@ -328,7 +328,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise DiaBloError(f"recipe {path} does not exist")
+        raise DiaBloError(f"recipe {path} does not exist{_closest_recipe(path)}")
     text = read_text(path, "recipe")
     try:
         data = yaml.safe_load(text)
@@ -341,6 +341,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DiaBloError(f"{path}: a recipe is a mapping of sections (base_model:, data:, training: ...)")
     return data
+
+
+def _closest_recipe(path: Path) -> str:
+    """``; did you mean configs/paper/metamath.yaml?``: the recipe whose name is nearest, among those up to two
+    folders below the nearest folder of ``path`` that exists (the shallowest of equal names); "" when none is close."""
+    folder = next((p for p in path.parents if p.is_dir()), Path("."))
+    found = [p for depth in ("", "*/", "*/*/") for p in sorted(folder.glob(f"{depth}*.y*ml")) if p.name[0] not in "._"]
+    close = difflib.get_close_matches(path.stem, [p.stem for p in found], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean {min((p for p in found if p.stem == close[0]), key=lambda p: len(p.parts))}?"
 
 
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:

@@ -271,3 +271,75 @@ class SupervisedRun:
     example: int  # which packed example they belong to (0 when the row holds one)
     supervised: bool
     text: str
+
+
+@dataclass
+class ConversionReport:
+    """What ``diablo convert`` did, in either direction (``to``: "diablo" or "official")."""
+
+    source: Path
+    output: Path
+    to: str
+    blocks: int  # the official --num_blocks N
+    blocks_from: str  # how N was found: "--blocks", "the run folder's name", "the shapes", "the adapter"
+    modules: int
+    parameters: int
+    dtype: str
+    shrunk: dict[str, int] = field(default_factory=dict)  # module kind → N_eff, where the official code shrank N
+    targets: str | list[str] = ""
+    layers: tuple[int, int] | None = None
+    dropout: float = 0.0
+    trimmed: int = 0  # layers whose trailing padding-only blocks the official layout leaves out
+    official_arguments: str | None = None  # what to pass the official scripts
+    notes: list[str] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExtractedModule:
+    """One layer of a full fine-tune's update: its Frobenius energy, and how much of it the diagonal blocks hold."""
+
+    name: str
+    blocks: int
+    update_energy: float  # ‖W_ft − W_pre‖²_F
+    kept_energy: float  # ‖diagonal blocks of W_ft − W_pre‖²_F (before the scale s)
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def share(self) -> float | None:
+        """The share of the update's energy the blocks keep; None for a layer the fine-tune left unchanged."""
+        return self.kept_energy / self.update_energy if self.update_energy > 0 else None
+
+
+@dataclass
+class ExtractReport:
+    """What ``diablo extract`` took from a full fine-tune, for the CLI's table and for Python callers."""
+
+    base: str
+    finetuned: str
+    output: Path
+    blocks: int
+    scale: float
+    modules: list[ExtractedModule] = field(default_factory=list)
+    parameters: int = 0
+    other_energy: float = 0.0  # the update's energy in tensors outside the targeted layers (left out)
+    other_tensors: int = 0  # how many such tensors changed
+    budget_source: str | None = None  # "1% of 6,738,415,616" when --budget chose N
+    cleaned: list[str] = field(default_factory=list)
+
+    @property
+    def targeted_energy(self) -> float:
+        return sum(m.update_energy for m in self.modules)
+
+    def kinds(self) -> list[str]:
+        """The module kinds (``q_proj``, ...) in model order."""
+        return list(dict.fromkeys(m.kind for m in self.modules))
+
+    @staticmethod
+    def share_of(modules: list[ExtractedModule]) -> float | None:
+        """The energy the blocks keep over the update's, summed over ``modules``."""
+        update = sum(m.update_energy for m in modules)
+        return sum(m.kept_energy for m in modules) / update if update > 0 else None

@@ -61,6 +61,7 @@ TOKENIZER_FILES = (  # what save_pretrained writes for a tokenizer (output.save_
 )
 
 TRAIN, MERGE, QUANTIZE = "train", "merge", "quantize"
+CONVERT, EXTRACT = "convert", "extract"  # adapter folders written from an official checkpoint, or a full fine-tune
 TENSORBOARD_DIR = "tensorboard"  # logging.tensorboard's event files
 WANDB_DIR = "wandb"  # logging.wandb's local run files (wandb names it inside the folder it is given)
 RUN_FILES = (RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHECKPOINTS, TENSORBOARD_DIR, WANDB_DIR)
@@ -447,7 +448,8 @@ class ModelOutput:
     def _clean_leftovers(self) -> list[str]:
         """Staging and replaced folders that killed merges or quantizations of this output left beside it: only
         those that are empty or carry diablo's marker (and, first in the list, a previous model put back)."""
-        pattern = re.compile(rf"^\.{re.escape(self.output_dir.name)}-(merging|quantizing|source|replaced)-.+$")
+        purposes = "merging|quantizing|converting|extracting|source|replaced"
+        pattern = re.compile(rf"^\.{re.escape(self.output_dir.name)}-({purposes})-.+$")
         found = [
             p
             for p in self.output_dir.parent.iterdir()

@@ -27,6 +27,13 @@ def is_letter_spec(spec: str) -> bool:
     return bool(spec) and all(c in MODULE_LETTERS for c in spec) and len(set(spec)) == len(spec)
 
 
+def letters_in_either_case(spec: str) -> str:
+    """``qkvud`` (the official DiaBlo code's spelling) as ``QKVUD``; any other string as it is. Only
+    ``target_modules`` reads letters case-blind: as a regex a lowercase ``qkvud`` must match a whole dotted path,
+    so it names no real layer, whereas a ``blocks_by_module`` key such as T5's ``o`` is a module name."""
+    return spec.upper() if isinstance(spec, str) and is_letter_spec(spec.upper()) else spec
+
+
 def canonical_dtype(name: str) -> str:
     """Map "fp32"/"bf16"/"fp16" and torch spellings to one of ADAPTER_DTYPES' keys."""
     key = str(name).removeprefix("torch.").lower()
@@ -42,7 +49,8 @@ def canonical_dtype(name: str) -> str:
 class DiaBloConfig:
     """Settings of a DiaBlo adapter.
 
-    ``target_modules`` is either the paper's letters ("QKVUD"), ``"all-linear"`` (every linear layer of
+    ``target_modules`` is either the paper's letters ("QKVUD", or "qkvud" as the official code spells them),
+    ``"all-linear"`` (every linear layer of
     the transformer blocks, not the output head), a list of module names (matched against the end of the
     dotted module path, as in PEFT), or any other string, read as a regular expression that must match
     the whole dotted path. ``layers`` restricts adaptation to an inclusive range of block indices
@@ -106,6 +114,7 @@ def _check_block_count(key: str, value: Any) -> int:
 
 def _check_targets(targets: Any) -> str | list[str]:
     if isinstance(targets, str):
+        targets = letters_in_either_case(targets)
         if not targets:
             raise DiaBloError("target_modules: empty; use letters such as 'QKVUD', a list of names or a regex")
         if not is_letter_spec(targets) and targets != "all-linear":

@@ -32,6 +32,8 @@ CONFIG_FILE = ADAPTER_CONFIG
 WEIGHTS_FILE = ADAPTER_WEIGHTS
 FORMAT_NAME = "diablo-adapter"
 FORMAT_VERSION = 1
+OFFICIAL_CHECKPOINT = "adapter.chkpt"
+"""What the official DiaBlo trainer (ziyangjoy/DiaBlo) saves instead; diablo_cli/convert.py reads it."""
 DAMAGED_ADAPTER_ADVICE = "copy the adapter folder again from where it was saved, or train it again"
 
 
@@ -63,33 +65,65 @@ def save_adapter(
             f"{directory} already holds an adapter ({', '.join(existing)}); pass overwrite=True to replace it"
         )
 
-    adapter_id = uuid.uuid4().hex
     live = {f"{name}.{ADAPTER_PARAMETER}": layer.diablo_blocks for name, layer in layers.items()}
     source = blocks if blocks is not None else live
-    tensors = {key: source[key].detach().to("cpu").contiguous() for key in live}
-    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     config: DiaBloConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
+    return write_adapter_folder(
+        directory,
+        {name: source[f"{name}.{ADAPTER_PARAMETER}"] for name in layers},
+        {name: (layer.in_features, layer.out_features) for name, layer in layers.items()},
+        base=describe_base(model, base_model),
+        config=config,
+        dropout=_dropout_of(layers),
+    )
+
+
+def write_adapter_folder(
+    directory: str | os.PathLike,
+    blocks: dict[str, torch.Tensor],
+    features: dict[str, tuple[int, int]],
+    *,
+    base: dict[str, Any],
+    config: DiaBloConfig | None,
+    dropout: float,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``adapter_config.json`` and the weights from plain tensors (module name → ``(N, d1, d2)`` blocks,
+    module name → ``(in_features, out_features)``): how ``save_adapter`` writes a model's adapters, and how
+    ``diablo convert`` and ``extract`` write adapters that never were in a model. ``source`` records where the
+    blocks came from. The caller decides whether ``directory`` may be written."""
+    directory = Path(directory)
+    tensors = {}
+    for name, tensor in blocks.items():
+        expected = BlockLayout(*features[name], tensor.shape[0]).shape
+        if tuple(tensor.shape) != expected:
+            raise DiaBloError(f"{name}: blocks of shape {tuple(tensor.shape)}, expected {expected} for its layer")
+        tensors[f"{name}.{ADAPTER_PARAMETER}"] = tensor.detach().to("cpu").contiguous()
+    adapter_id = uuid.uuid4().hex
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "adapter_id": adapter_id,
         "diablo_cli_version": __version__,
-        "base_model": _describe_base(model, base_model),
+        "base_model": base,
         "adapter_dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
-        "dropout": _dropout_of(layers),
+        "dropout": dropout,
         "config": config.to_dict() if config is not None else None,
         "parameters": sum(t.numel() for t in tensors.values()),
         "modules": {
             name: {
-                "in_features": layer.in_features,
-                "out_features": layer.out_features,
-                "blocks": layer.layout.blocks,
-                "block_in": layer.layout.block_in,
-                "block_out": layer.layout.block_out,
+                "in_features": layout.in_features,
+                "out_features": layout.out_features,
+                "blocks": layout.blocks,
+                "block_in": layout.block_in,
+                "block_out": layout.block_out,
             }
-            for name, layer in layers.items()
+            for name, layout in ((name, BlockLayout(*features[name], blocks[name].shape[0])) for name in blocks)
         },
     }
+    if source is not None:
+        document["source"] = source
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "adapter_id": adapter_id})
@@ -107,6 +141,14 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise DiaBloError(
             f"{directory} is a model folder (a `type: full` run?), not an adapter: use it as a model "
             "(diablo eval --model DIR), it needs no merge"
+        )
+    if not config_path.is_file() and [
+        *directory.glob(OFFICIAL_CHECKPOINT),
+        *directory.glob(f"*/{OFFICIAL_CHECKPOINT}"),
+    ]:
+        raise DiaBloError(
+            f"{directory} is a run of the official DiaBlo code ({OFFICIAL_CHECKPOINT}); convert it first: "
+            f"diablo convert {directory} --base BASE -o ADAPTER_DIR"
         )
     if not config_path.is_file():
         raise DiaBloError(
@@ -203,7 +245,8 @@ def check_against_base(model: nn.Module, document: dict[str, Any], directory: Pa
     return targets
 
 
-def _describe_base(model: nn.Module, override: str | None) -> dict[str, Any]:
+def describe_base(model: nn.Module, override: str | None) -> dict[str, Any]:
+    """What an adapter records of its base: the name to load it by, the architecture, how it was quantized."""
     config = getattr(model, "config", None)
     return {
         "name_or_path": override or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None),

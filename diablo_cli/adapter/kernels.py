@@ -53,6 +53,17 @@ def dense_update(blocks: torch.Tensor, in_features: int, out_features: int) -> t
     return delta[:out_features, :in_features]
 
 
+def diagonal_of(weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The diagonal blocks of an ``(out, in)`` matrix as an adapter holds them, ``(N, d1, d2)``, padding read
+    as zeros: the inverse of :func:`dense_update` on the entries the blocks cover (a copy, not a view)."""
+    out_features, in_features = weight.shape
+    block_in, block_out = -(-in_features // blocks), -(-out_features // blocks)
+    padded = weight.new_zeros(blocks * block_out, blocks * block_in)
+    padded[:out_features, :in_features] = weight
+    grid = padded.view(blocks, block_out, blocks, block_in)  # block j is padded[j·d2:, j·d1:] = D[j]ᵀ
+    return torch.diagonal(grid, dim1=0, dim2=2).permute(2, 1, 0).contiguous()
+
+
 def diagonal_blocks(weight: torch.Tensor, blocks: torch.Tensor, *, transposed: bool) -> torch.Tensor:
     """A view of the weight's diagonal blocks laid out like ``blocks`` (``(N, d1, d2)``): writing to it
     writes into ``weight``. ``weight`` is ``(out, in)`` (``nn.Linear``) or ``(in, out)`` when ``transposed``

@@ -1,6 +1,7 @@
 """Rich renderings of the records the commands return (diablo_cli/records.py), shared by the CLI and the examples.
 Rendering only: nothing here computes, and nothing that computes imports it (pyproject.toml's import contracts)."""
 
+from .conversion import conversion_summary, extract_summary, extract_table
 from .inspection import adapter_inspection_view, memory_table, model_inspection_view, probe_table, scaling_table
 from .progress import row_progress, spinner, step_display, task_progress, training_progress
 from .tables import (
@@ -22,8 +23,11 @@ __all__ = [
     "PERCENT_METRICS",
     "adapter_inspection_view",
     "cleaned_line",
+    "conversion_summary",
     "describe_supervision",
     "eval_table",
+    "extract_summary",
+    "extract_table",
     "format_metric",
     "iter_metric_cells",
     "memory_table",

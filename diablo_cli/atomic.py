@@ -77,5 +77,6 @@ def save_pretrained_into(saveable, directory: Path, *, prefix: str, **kwargs) ->
 
     with tempfile.TemporaryDirectory(dir=directory, prefix=prefix) as staging:
         saveable.save_pretrained(staging, **kwargs)
+        ordinary_permissions(Path(staging))  # safetensors' writer makes its files private (0600), as mkstemp does
         for item in Path(staging).iterdir():
             item.replace(directory / item.name)

@@ -213,15 +213,20 @@ def test_training_folds_by_default_and_learns_what_the_block_kernel_learns(tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
 
 
-def test_run_files_get_the_permissions_the_umask_gives_not_private_ones(tmp_path):
-    """Atomic writes go through mkstemp/mkdtemp, which make files 0600 and folders 0700: a teammate on a shared
-    machine could not read the adapter. Everything a run writes must have what an ordinary write gives."""
+@pytest.mark.parametrize(
+    ("method", "weights"),
+    [("diablo", "adapter_model.safetensors"), ("lora", "adapter_model.safetensors"), ("full", "model.safetensors")],
+)
+def test_run_files_get_the_permissions_the_umask_gives_not_private_ones(tmp_path, method, weights):
+    """Atomic writes go through mkstemp/mkdtemp, and safetensors' own writer, which make files 0600 and folders
+    0700: a teammate on a shared machine could not read the adapter. Everything a run writes, whatever the method,
+    must have what an ordinary write gives."""
     import stat
 
     previous = os.umask(0o022)
     try:
         result = train(
-            load_recipe(TINY, [f"output.dir={tmp_path / 'run'}", "logging.progress=false"]),
+            load_recipe(TINY, [f"output.dir={tmp_path / 'run'}", "logging.progress=false", f"adapter.type={method}"]),
             console=Console(file=io.StringIO()),
         )
     finally:
@@ -229,4 +234,4 @@ def test_run_files_get_the_permissions_the_umask_gives_not_private_ones(tmp_path
     written = [result.output_dir, *result.output_dir.rglob("*")]
     modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in written}
     assert {name: mode for name, mode in modes.items() if mode not in (0o644, 0o755)} == {}
-    assert modes["run/adapter_model.safetensors"] == 0o644 and modes["run/checkpoints/step-0000006"] == 0o755
+    assert modes[f"run/{weights}"] == 0o644 and modes["run/checkpoints/step-0000006"] == 0o755

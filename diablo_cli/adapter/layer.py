@@ -15,9 +15,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import DiaBloError
 from .kernels import FoldedLinear, block_diagonal_matmul, check_kernel, dense_update, diagonal_blocks
+
+_OPTIMIZER_STEPS = [0]
+"""Steps any torch optimizer has taken in this process. torch's fused Adam/AdamW (transformers' default
+``adamw_torch_fused``) update parameters without bumping their version counter, so a folded layer cannot tell
+from the blocks alone that they changed; every step counts as a change."""
+
+
+def _count_optimizer_step(_optimizer, _args, _kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 ADAPTER_PARAMETER = "diablo_blocks"
 """Name of the trainable tensor inside each adapted layer, and the suffix of its key in adapter files."""
@@ -143,7 +156,7 @@ class DiaBloLinear(nn.Module):
         self.active = True  # False: behave as the bare base (see adapters_disabled)
         self.shares_weight = False  # True: base.weight is tied to another module, never write into it
         self._original_diagonal: torch.Tensor | None = None  # W0's diagonal blocks while folded
-        self._folded_version: tuple[int, int] | None = None  # (data_ptr, version) of the blocks folded in
+        self._folded_version: tuple[int, int, int] | None = None  # (data_ptr, version, optimizer steps) folded in
         self.register_state_dict_pre_hook(_unfold_before_saving)
         self._register_load_state_dict_pre_hook(_unfold_before_loading, with_module=True)
 
@@ -200,10 +213,11 @@ class DiaBloLinear(nn.Module):
 
     @torch.no_grad()
     def _fold(self) -> None:
-        """Write ``W0 + D`` into the weight's diagonal blocks when the blocks changed since the last fold (the
-        optimizer's in-place step bumps their version): a copy the size of the adapter, not of the weight."""
+        """Write ``W0 + D`` into the weight's diagonal blocks when the blocks may have changed since the last fold
+        (an in-place write bumps their version; an optimizer step, fused ones included, counts too): a copy the
+        size of the adapter, not of the weight."""
         blocks = self.diablo_blocks
-        stamp = (blocks.data_ptr(), blocks._version)
+        stamp = (blocks.data_ptr(), blocks._version, _OPTIMIZER_STEPS[0])
         if stamp == self._folded_version:
             return
         diagonal = self._weight_diagonal()

@@ -22,7 +22,8 @@ every layer's shapes are exact, and the 32-layer step time is extrapolated from 
 
 Per stage: wall time, peak RSS (the kernel's ru_maxrss of the stage's process, from wait4), peak RssAnon
 (sampled every 50 ms: the memory the process allocated itself, without the mmap-ed file pages of the shards) and
-the disk it wrote. Train's peak RssAnon is set beside inspect's estimate; the train step's achieved GFLOP/s (the
+the disk it wrote (files under its output modified since it started). Train's peak RSS is set beside inspect's
+estimate (RSS, not RssAnon: weights loaded in their file's dtype stay mmap-ed file pages); the train step's achieved GFLOP/s (the
 FLOPs of diablo_cli/scaling.py: 2·P forward + 2·P backward + 2·P recomputed per token for the frozen base, 8·T
 for the adapter, attention on top) beside a plain matmul's at the model's shapes; merge's peak above an idle
 process beside 1.5 × the largest shard; the adapter file beside 70,254,592 × 4 bytes + its header.
@@ -443,13 +444,13 @@ def main() -> None:
         )
     )
     print()
-    train_peak = max(stages["train"]["peak_anon"], stages["resume"]["peak_anon"])
+    train_peak = max(stages["train"]["max_rss"], stages["resume"]["max_rss"])
     estimate_bytes = diablo_row["checkpointed_total"]
     merge_above = stages["merge"]["peak_anon"] - idle
     expected_adapter = trainable * 4 + header
     checks = [
         [
-            "train peak RssAnon vs inspect's estimate",
+            "train peak RSS (train, resume) vs inspect's estimate",
             f"{train_peak / GIB:.2f} vs {estimate_bytes / GIB:.2f} GiB",
             f"{train_peak / estimate_bytes - 1:+.1%}",
             _verdict(abs(train_peak / estimate_bytes - 1) <= 0.20),

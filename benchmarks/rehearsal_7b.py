@@ -23,10 +23,10 @@ every layer's shapes are exact, and the 32-layer step time is extrapolated from 
 Per stage: wall time, peak RSS (the kernel's ru_maxrss of the stage's process, from wait4), peak RssAnon
 (sampled every 50 ms: the memory the process allocated itself, without the mmap-ed file pages of the shards) and
 the disk it wrote (files under its output modified since it started). Train's peak RSS is set beside inspect's
-estimate (RSS, not RssAnon: weights loaded in their file's dtype stay mmap-ed file pages); the train step's achieved GFLOP/s (the
-FLOPs of diablo_cli/scaling.py: 2·P forward + 2·P backward + 2·P recomputed per token for the frozen base, 8·T
-for the adapter, attention on top) beside a plain matmul's at the model's shapes; merge's peak above an idle
-process beside 1.5 × the largest shard; the adapter file beside 70,254,592 × 4 bytes + its header.
+estimate (RSS, not RssAnon: weights loaded in their file's dtype stay mmap-ed file pages); the train step's
+achieved GFLOP/s (the FLOPs of diablo_cli/scaling.py: 2·P forward + 2·P backward + 2·P recomputed per token for the
+frozen base, 8·T for the adapter, attention on top) beside a plain matmul's at the model's shapes; merge's peak
+above an idle process beside 1.5 × the largest shard; the adapter file beside 70,254,592 × 4 bytes + its header.
 
     python benchmarks/rehearsal_7b.py --cache /work/rehearsal-cache --markdown
     python benchmarks/rehearsal_7b.py --layers 1 --fp32          # the AVX2 path, one layer, fast

@@ -268,7 +268,7 @@ expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().it
 found = {}
 for file in sorted(folder.glob("*.safetensors")):
     with safe_open(str(file), framework="pt") as handle:
-        for name in handle.keys()  # noqa: SIM118 (safe_open is no dict):
+        for name in handle.keys():
             part = handle.get_slice(name)
             found[name] = (tuple(part.get_shape()), part.get_dtype())
 dtypes = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}

@@ -27,6 +27,7 @@ estimate (RSS, not RssAnon: weights loaded in their file's dtype stay mmap-ed fi
 achieved GFLOP/s (the FLOPs of diablo_cli/scaling.py: 2·P forward + 2·P backward + 2·P recomputed per token for the
 frozen base, 8·T for the adapter, attention on top) beside a plain matmul's at the model's shapes; merge's peak
 above an idle process beside 1.5 × the largest shard; the adapter file beside 70,254,592 × 4 bytes + its header.
+The matmul probe runs after the stages: on a shared machine the ratio also holds whatever else ran meanwhile.
 
     python benchmarks/rehearsal_7b.py --cache /work/rehearsal-cache --markdown
     python benchmarks/rehearsal_7b.py --layers 1 --fp32          # the AVX2 path, one layer, fast

@@ -6,7 +6,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup quickstart test test-fast lint bench
+.PHONY: setup quickstart test test-fast lint bench gpu-check
 
 # torch first, and only when absent: an unpinned torch on a machine without one pulls the newest CUDA
 # build (several GB). torch==2.13.0 resolves to the local CPU wheel on CPU machines; a torch you already
@@ -35,3 +35,9 @@ test-fast: setup
 bench: setup
 	$(PYTHON) benchmarks/model_step.py --memory
 	$(PYTHON) benchmarks/layer_sweep.py
+
+# For the day a GPU is lent: every CUDA path in one command and one table (benchmarks/gpu_check.py, <= 8 minutes on
+# one 80 GB GPU); one line and exit 0 on a machine without CUDA. Installs first only where diablo_cli is missing.
+gpu-check:
+	@$(PYTHON) -c "import diablo_cli, torch" 2>/dev/null || $(MAKE) --no-print-directory setup
+	@HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/gpu_check.py

@@ -465,8 +465,14 @@ def inspect(
     sharding: str | None = typer.Option(
         None, "--sharding", help="Scaling estimate: none, ddp, zero2, zero3 or fsdp. Default: none on 1 GPU, else ddp."
     ),
+    gpu: str | None = typer.Option(
+        None,
+        "--gpu",
+        help="Scaling estimate: the GPU (a100-40gb, a100-80gb, h100, h100-pcie, h200, l40s, l4, a10). "
+        "Default a100-80gb.",
+    ),
     gpu_tflops: float | None = typer.Option(
-        None, "--gpu-tflops", help="Scaling estimate: peak TFLOP/s per GPU. Default 989 (H100 SXM, bf16 dense)."
+        None, "--gpu-tflops", help="Scaling estimate: peak TFLOP/s per GPU. Default: --gpu's bf16 dense peak."
     ),
     mfu: float | None = typer.Option(
         None, "--mfu", help="Scaling estimate: assumed model FLOPs utilisation, 0-1. Default 0.4 (an assumption)."
@@ -474,10 +480,11 @@ def inspect(
     interconnect_gbps: float | None = typer.Option(
         None,
         "--interconnect-gbps",
-        help="Scaling estimate: GB/s (gigabytes) per GPU. Default 450 (NVLink) up to 8 GPUs, 50 (InfiniBand) beyond.",
+        help="Scaling estimate: GB/s (gigabytes) per GPU. Default: --gpu's node link up to 8 GPUs (A100 NVLink: 300), "
+        "its network beyond (A100: 25).",
     ),
     gpu_memory: float | None = typer.Option(
-        None, "--gpu-memory", help="Scaling estimate: GiB per GPU, to say what fits. Default 80 (H100 80 GB)."
+        None, "--gpu-memory", help="Scaling estimate: GiB per GPU, to say what fits. Default: --gpu's memory."
     ),
     tokens: str = typer.Option("100M", "--tokens", help="Scaling estimate: tokens in the whole run, e.g. 100M, 1B."),
     probe: str | None = typer.Option(
@@ -528,6 +535,7 @@ def inspect(
                 gradient_checkpointing=gradient_checkpointing,
                 gpus=gpus,
                 sharding=sharding,
+                gpu=gpu,
                 gpu_tflops=gpu_tflops,
                 mfu=mfu,
                 interconnect_gbps=interconnect_gbps,

@@ -70,6 +70,7 @@ def inspect_model(
     gradient_checkpointing: bool = False,
     gpus: int = 1,
     sharding: str | None = None,
+    gpu: str | None = None,
     gpu_tflops: float | None = None,
     mfu: float | None = None,
     interconnect_gbps: float | None = None,
@@ -80,12 +81,14 @@ def inspect_model(
 ) -> ModelInspection:
     """Candidate block counts for ``name``'s targeted layers, the one a budget asks for, the training memory
     of that choice (or of N=64) against LoRA at the same budget, and what training it costs on ``gpus`` GPUs
-    (scaling.py; None settings take its H100 defaults)."""
+    (scaling.py; None settings take its defaults: one A100 80 GB)."""
     if budget is not None and match_lora is not None:
         raise DiaBloError("give either --budget or --match-lora, not both")
-    from .scaling import check_sharding, default_sharding
+    from .scaling import check_sharding, default_sharding, gpu_spec
 
     check_sharding(sharding or default_sharding(gpus), gpus)  # before reading the model: a typo fails fast
+    if gpu is not None:
+        gpu_spec(gpu)
     config = load_model_config(name, trust_remote_code=trust_remote_code, revision=revision)
     model = skeleton_model(config, trust_remote_code=trust_remote_code)
     selection = select_targets(model, DiaBloConfig(blocks=1, target_modules=targets, layers=layers))
@@ -167,6 +170,7 @@ def inspect_model(
         gradient_checkpointing=gradient_checkpointing,
         gpus=gpus,
         sharding=sharding,
+        gpu=gpu,
         gpu_tflops=gpu_tflops,
         mfu=mfu,
         interconnect_gbps=interconnect_gbps,
@@ -202,7 +206,7 @@ def _scaling(config, model, inspection: ModelInspection, diablo, **settings) -> 
         attention_width=attention_heads * (head_dim or config.hidden_size // attention_heads),
         activations=activations,
         logits=diablo.logits,
-        **{key: value for key, value in settings.items() if value is not None},  # None: scaling's H100 defaults
+        **{key: value for key, value in settings.items() if value is not None},  # None: scaling's defaults
     )
     return estimate.to_dict()
 

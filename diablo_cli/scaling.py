@@ -12,6 +12,8 @@ A first-order estimate, for sizing a run before booking GPUs. What it assumes, i
   gradients for frozen weights), plus 2·P again when gradient checkpointing recomputes the layers. The
   adapter's own T trainable parameters cost 6·T (8·T recomputed). Attention's score and value products cost
   12·L·h·s per token (PaLM's convention: full s, not halved for the causal mask), +4·L·h·s recomputed.
+- The GPU (``--gpu``, default the design card's A100 80 GB) sets the peak (bf16 dense, NVIDIA's sheet without
+  2:4 sparsity), the memory that must hold it all and the links (GPUS below); each may be overridden alone.
 - Time: compute = tokens × FLOPs / (peak × MFU); the MFU (0.4 by default) is an assumption, not a measurement.
   The FLOPs include checkpointing's recompute, so strictly it is hardware FLOPs utilisation there; one figure
   for both is part of the assumption.
@@ -32,24 +34,54 @@ from typing import Any
 from .errors import DiaBloError
 
 SHARDINGS = ("none", "ddp", "zero2", "zero3", "fsdp")
-H100_SXM_BF16_DENSE_TFLOPS = 989.0
-"""H100 SXM peak dense bf16 tensor-core throughput (the 1979 in NVIDIA's sheet is with 2:4 sparsity)."""
 DEFAULT_MFU = 0.4
 """Model FLOPs utilisation assumed for a fine-tuning run: a typical figure for a well-tuned dense trainer."""
-NVLINK_GBPS = 450.0
-"""H100 SXM NVLink 4 within a node: 900 GB/s both ways, 450 GB/s each way per GPU."""
-INFINIBAND_GBPS = 50.0
-"""Across nodes: one 400 Gb/s (50 GB/s) InfiniBand NDR link per GPU, as in a DGX H100."""
 GPUS_PER_NODE = 8
-H100_MEMORY_GIB = 80.0
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """What the estimate needs of one GPU model: nominal memory, peak dense bf16 tensor throughput (the sparse
+    figure of NVIDIA's sheets is twice it), and GB/s each way per GPU within a node and across nodes."""
+
+    memory_gib: float
+    bf16_tflops: float
+    node_link_gbps: float  # NVLink where the card has it (SXM), else PCIe x16
+    network_gbps: float  # one NIC per GPU, as in a DGX: 200 Gb/s HDR (A100 era), 400 Gb/s NDR (Hopper)
+
+
+GPUS = {
+    "a100-40gb": GpuSpec(40, 312, 300, 25),  # NVLink 3: 600 GB/s both ways
+    "a100-80gb": GpuSpec(80, 312, 300, 25),
+    "h100": GpuSpec(80, 989, 450, 50),  # SXM; NVLink 4: 900 GB/s both ways
+    "h100-pcie": GpuSpec(80, 756, 64, 50),  # PCIe 5 x16
+    "h200": GpuSpec(141, 989, 450, 50),
+    "l40s": GpuSpec(48, 362, 32, 25),  # PCIe 4 x16
+    "l4": GpuSpec(24, 121, 32, 25),
+    "a10": GpuSpec(24, 125, 32, 25),
+}
+DEFAULT_GPU = "a100-80gb"
+"""The design card's GPU: a 7B model fine-tuned on one A100 80 GB."""
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """The GPUS entry for ``--gpu NAME``; an unknown name is one line listing the known ones."""
+    spec = GPUS.get(name.lower())
+    if spec is None:
+        raise DiaBloError(
+            f"--gpu {name!r}: choose one of {', '.join(GPUS)} (or give --gpu-tflops and --gpu-memory yourself)"
+        )
+    return spec
+
 
 GIB = 2**30
 
 
-def default_interconnect_gbps(gpus: int) -> float:
-    """NVLink while the K GPUs fit in one node of eight; beyond that a ring crosses nodes, and each GPU's share
-    of it runs at its InfiniBand link's speed."""
-    return NVLINK_GBPS if gpus <= GPUS_PER_NODE else INFINIBAND_GBPS
+def default_interconnect_gbps(gpus: int, gpu: str = DEFAULT_GPU) -> float:
+    """The node's own links while the K GPUs fit in one node of eight; beyond that a ring crosses nodes, and
+    each GPU's share of it runs at its network link's speed."""
+    spec = gpu_spec(gpu)
+    return spec.node_link_gbps if gpus <= GPUS_PER_NODE else spec.network_gbps
 
 
 def default_sharding(gpus: int) -> str:
@@ -194,6 +226,7 @@ class ScalingEstimate:
 
     gpus: int
     sharding: str
+    gpu: str
     batch: int
     seq_len: int
     gradient_checkpointing: bool
@@ -266,14 +299,19 @@ def estimate_scaling(
     gradient_checkpointing: bool,
     gpus: int = 1,
     sharding: str | None = None,
-    gpu_tflops: float = H100_SXM_BF16_DENSE_TFLOPS,
+    gpu: str = DEFAULT_GPU,
+    gpu_tflops: float | None = None,
     mfu: float = DEFAULT_MFU,
     interconnect_gbps: float | None = None,
-    gpu_memory_gib: float = H100_MEMORY_GIB,
+    gpu_memory_gib: float | None = None,
     tokens: int = 100_000_000,
 ) -> ScalingEstimate:
     """The whole estimate for one setup; ``activations`` (adapter inputs included) and ``logits`` are one GPU's
-    micro batch as memory.py counts them, with or without checkpointing as ``gradient_checkpointing`` says."""
+    micro batch as memory.py counts them, with or without checkpointing as ``gradient_checkpointing`` says.
+    ``gpu`` names a GPUS entry; ``gpu_tflops`` and ``gpu_memory_gib`` override its figures."""
+    spec = gpu_spec(gpu)
+    gpu_tflops = spec.bf16_tflops if gpu_tflops is None else gpu_tflops
+    gpu_memory_gib = spec.memory_gib if gpu_memory_gib is None else gpu_memory_gib
     sharding = sharding or default_sharding(gpus)
     check_settings(
         gpus=gpus,
@@ -287,12 +325,13 @@ def estimate_scaling(
     return ScalingEstimate(
         gpus=gpus,
         sharding=sharding,
+        gpu=gpu.lower(),
         batch=batch,
         seq_len=seq_len,
         gradient_checkpointing=gradient_checkpointing,
         gpu_tflops=gpu_tflops,
         mfu=mfu,
-        interconnect_gbps=interconnect_gbps or default_interconnect_gbps(gpus),
+        interconnect_gbps=interconnect_gbps or default_interconnect_gbps(gpus, gpu),
         gpu_memory_gib=gpu_memory_gib,
         tokens=tokens,
         memory=per_gpu_memory(
@@ -338,7 +377,7 @@ def check_settings(
     mfu: float,
     interconnect_gbps: float | None,
     tokens: int,
-    gpu_memory_gib: float = H100_MEMORY_GIB,
+    gpu_memory_gib: float,
 ) -> None:
     if gpus < 1:
         raise DiaBloError(f"--gpus {gpus}: give a positive whole number")

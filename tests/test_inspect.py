@@ -289,19 +289,20 @@ def test_scaling_flops_time_and_traffic_against_hand_counts(tiny_config_dir):
     checkpointed = plain + 2 * (TINY_LINEAR - 128 * 64) + 2 * TINY_QKVUD_N4 + attention  # head not recomputed
     scaling = tiny_scaling(tiny_config_dir, gpus=8, sharding="zero3", tokens=1_000_000).scaling
     assert scaling["flops"]["total"] == plain
-    assert scaling["compute_seconds"] == pytest.approx(tokens * plain / (989e12 * 0.4))
+    assert scaling["gpu"] == "a100-80gb" and scaling["gpu_memory_gib"] == 80  # the design card's GPU by default
+    assert scaling["compute_seconds"] == pytest.approx(tokens * plain / (312e12 * 0.4))  # A100 bf16 dense
     share, weights, adapter = 7 / 8, TINY_BASE * 2, TINY_QKVUD_N4 * 4
     assert scaling["traffic"]["weight_all_gather"] == pytest.approx(2 * share * weights)  # forward and backward
     assert scaling["traffic"]["gradient_reduction"] == pytest.approx(share * adapter)  # trainable grads only
-    assert scaling["interconnect_gbps"] == 450  # NVLink within one node
-    assert scaling["communication_seconds"] == pytest.approx(scaling["traffic"]["total"] / 450e9)
+    assert scaling["interconnect_gbps"] == 300  # A100 NVLink 3 within one node, each way
+    assert scaling["communication_seconds"] == pytest.approx(scaling["traffic"]["total"] / 300e9)
     assert scaling["steps"] == math.ceil(1_000_000 / (8 * tokens))
     assert scaling["run_seconds"] == pytest.approx(scaling["steps"] * scaling["step_seconds"])
     slow = tiny_scaling(
-        tiny_config_dir, gpus=64, sharding="ddp", gradient_checkpointing=True, mfu=0.25, gpu_tflops=312
+        tiny_config_dir, gpus=64, sharding="ddp", gradient_checkpointing=True, mfu=0.25, gpu="h100", gpu_tflops=500
     ).scaling
-    assert slow["flops"]["total"] == checkpointed and slow["interconnect_gbps"] == 50  # 64 GPUs span nodes
-    assert slow["compute_seconds"] == pytest.approx(tokens * checkpointed / (312e12 * 0.25))
+    assert slow["flops"]["total"] == checkpointed and slow["interconnect_gbps"] == 50  # 64 H100s span nodes
+    assert slow["compute_seconds"] == pytest.approx(tokens * checkpointed / (500e12 * 0.25))  # the override wins
     assert slow["traffic"]["total"] == pytest.approx(2 * 63 / 64 * adapter)  # ring all-reduce of the gradients
     one = tiny_scaling(tiny_config_dir).scaling
     assert one["traffic"]["total"] == 0 and one["communication_seconds"] == 0
@@ -359,8 +360,29 @@ def test_cli_scaling_table_lora_snippet_and_json():
     assert "type: lora" in shown.stdout and "r: 40" in shown.stdout and "alpha: 80" in shown.stdout
     data = json.loads(run_cli("inspect", "llama2-70b", "--budget", "1%", "--gpus", "64", "--json").stdout)
     assert data["scaling"]["gpus"] == 64 and data["scaling"]["sharding"] == "ddp"
-    assert data["scaling"]["interconnect_gbps"] == 50 and not data["scaling"]["fits"]
+    assert data["scaling"]["interconnect_gbps"] == 25 and not data["scaling"]["fits"]  # A100 nodes: 200 Gb/s
     assert data["lora_rank"] == 79 and "r: 79" in data["lora_snippet"]
+
+
+@pytest.mark.parametrize(
+    ("gpu", "tflops", "memory", "link"),
+    [("a100-40gb", 312, 40, 300), ("h100", 989, 80, 450), ("H200", 989, 141, 450), ("l40s", 362, 48, 32)],
+)
+def test_scaling_takes_the_gpu_by_name(tiny_config_dir, gpu, tflops, memory, link):
+    scaling = tiny_scaling(tiny_config_dir, gpus=2, gpu=gpu).scaling
+    assert (scaling["gpu_tflops"], scaling["gpu_memory_gib"], scaling["interconnect_gbps"]) == (tflops, memory, link)
+    assert scaling["compute_seconds"] == pytest.approx(2 * 16 * scaling["flops"]["total"] / (tflops * 1e12 * 0.4))
+    assert tiny_scaling(tiny_config_dir, gpu=gpu, gpu_memory_gib=12).scaling["gpu_memory_gib"] == 12
+
+
+def test_cli_gpu_option_and_unknown_gpu_is_one_line():
+    shown = run_cli("inspect", "llama2-7b", "--blocks", "64", "--gpu", "h100", "--json")
+    assert shown.returncode == 0, shown.stderr
+    scaling = json.loads(shown.stdout)["scaling"]
+    assert (scaling["gpu"], scaling["gpu_tflops"]) == ("h100", 989)
+    bad = run_cli("inspect", "llama2-7b", "--gpu", "v100")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    assert "--gpu 'v100': choose one of a100-40gb, a100-80gb, h100, h100-pcie, h200, l40s, l4, a10" in bad.stderr
 
 
 def test_cli_bad_sharding_is_one_line():

@@ -101,12 +101,12 @@ def scaling_table(scaling: dict, blocks: Any) -> Table:
             "total",
             f"{memory['total'] / gib:.2f} GiB "
             + ("✓ fits" if scaling["fits"] else "✗ does not fit")
-            + f" in {scaling['gpu_memory_gib']:g} GiB",
+            + f" in {scaling['gpu_memory_gib']:g} GiB ({scaling['gpu']})",
         ),
         ("training FLOPs per token", f"{flops['total'] / 1e9:.1f} GFLOP"),
         ("tokens per step (all GPUs)", f"{scaling['tokens_per_step']:,}"),
         (
-            f"compute per step ({scaling['gpu_tflops']:g} TFLOP/s × MFU {scaling['mfu']:g})",
+            f"compute per step ({scaling['gpu']}: {scaling['gpu_tflops']:g} TFLOP/s × MFU {scaling['mfu']:g})",
             _duration(scaling["compute_seconds"]),
         ),
     ]

@@ -228,8 +228,7 @@ def convert_from_official(
     dtype = canonical_dtype(next(iter(tensors.values())).dtype)
     config = _official_config(skeleton, layers, count, dropout=dropout, dtype=dtype)
 
-    target = ModelOutput(Path(output), command=CONVERT, overwrite=overwrite)
-    try:
+    with ModelOutput(Path(output), command=CONVERT, overwrite=overwrite) as target:
         staging = target.staging("converting")
         write_adapter_folder(
             staging,
@@ -241,11 +240,6 @@ def convert_from_official(
             source={"format": "official DiaBlo adapter.chkpt", "path": str(checkpoint), "num_blocks": count},
         )
         target.publish(staging)
-    except Exception as err:
-        target.raise_disk_fault(err)
-        raise
-    finally:
-        target.close()
     return ConversionReport(
         source=checkpoint,
         output=Path(output),

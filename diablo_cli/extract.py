@@ -90,9 +90,8 @@ def extract_adapter(
     _check_shapes(weight_keys, base_files, tuned_files)
     features = {t.name: (t.in_features, t.out_features) for t in chosen}
 
-    output = ModelOutput(Path(output), command=EXTRACT, overwrite=overwrite)
-    report.cleaned = output.cleaned
-    try:
+    with ModelOutput(Path(output), command=EXTRACT, overwrite=overwrite) as output:
+        report.cleaned = output.cleaned
         extracted = _stream_blocks(base_files, tuned_files, weight_keys, modules, config, report, progress)
         staging = output.staging("extracting")
         write_adapter_folder(
@@ -105,11 +104,6 @@ def extract_adapter(
             source={"extracted_from": finetuned, "base": base, "scale": scale},
         )
         output.publish(staging)
-    except Exception as err:
-        output.raise_disk_fault(err)
-        raise
-    finally:
-        output.close()
     order = {name: index for index, name in enumerate(features)}
     report.modules.sort(key=lambda m: order[m.name])  # model order, as the shards' sorted keys are not
     report.parameters = sum(t.numel() for t in extracted.values())

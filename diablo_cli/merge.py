@@ -108,9 +108,8 @@ def merge_adapter(
     report = MergeReport(output_dir, base_name, base_dir, _dtype_name(out_dtype), dequantized=quantized)
 
     progress = progress or (lambda phase, done, total: None)
-    output = ModelOutput(output_dir, command=MERGE, overwrite=overwrite)
-    report.cleaned = output.cleaned
-    try:
+    with ModelOutput(output_dir, command=MERGE, overwrite=overwrite) as output:
+        report.cleaned = output.cleaned
         staging = output.staging("merging")
         if peft_config is not None:
             if quantized:
@@ -154,11 +153,6 @@ def merge_adapter(
         report.peak_rss_bytes = peak_rss_bytes()
         write_model_card(staging, report, adapter_dir, document)
         output.publish(staging)
-    except Exception as err:
-        output.raise_disk_fault(err)
-        raise
-    finally:
-        output.close()
     return report
 
 

@@ -373,8 +373,9 @@ def check_model_output(output_dir: Path, *, command: str, overwrite: bool, optio
 
 
 class ModelOutput:
-    """Writes a model folder the way merge and quantize do: in marked staging folders beside the output, moved
-    into place whole, with the output locked meanwhile (the lock file sits beside it, as it is swapped by rename).
+    """Writes a model folder the way merge, quantize, convert and extract do: in marked staging folders beside the
+    output, moved into place whole, with the output locked meanwhile (the lock file sits beside it, as it is
+    swapped by rename). Use it as a context manager: ``with ModelOutput(...) as output: ... output.publish(staging)``.
     """
 
     def __init__(self, output_dir: Path, *, command: str, overwrite: bool, option: str = "--output") -> None:
@@ -393,6 +394,17 @@ class ModelOutput:
         except BaseException:
             self.close()
             raise
+
+    def __enter__(self) -> ModelOutput:
+        return self
+
+    def __exit__(self, _kind, err, _traceback) -> None:
+        """Close; a full disk or a blocked write on the way out becomes one line (``raise_disk_fault``)."""
+        try:
+            if isinstance(err, Exception):
+                self.raise_disk_fault(err)
+        finally:
+            self.close()
 
     def staging(self, purpose: str) -> Path:
         """A private folder beside the output (``.NAME-PURPOSE-xxxx``), marked first, removed by ``close()``."""

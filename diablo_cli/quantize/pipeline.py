@@ -118,9 +118,8 @@ def quantize_model(
     )
     clock.lap("input statistics")
 
-    writer = ModelOutput(output, command=QUANTIZE, overwrite=overwrite)
-    report.cleaned = writer.cleaned
-    try:
+    with ModelOutput(output, command=QUANTIZE, overwrite=overwrite) as writer:
+        report.cleaned = writer.cleaned
         staging = writer.staging("quantizing")
         scratch = writer.staging("source")
         dequantized_file = scratch / "dequantized.safetensors"
@@ -190,11 +189,6 @@ def quantize_model(
         report.size_after_bytes = _weights_bytes(staging)
         write_text_atomic(staging / REPORT_FILE, json.dumps(asdict(report), indent=2) + "\n")
         writer.publish(staging)
-    except Exception as err:
-        writer.raise_disk_fault(err)
-        raise
-    finally:
-        writer.close()
     return report
 
 

@@ -60,15 +60,16 @@ def diagonal_of(weight: torch.Tensor, blocks: int) -> torch.Tensor:
     block_in, block_out = -(-in_features // blocks), -(-out_features // blocks)
     padded = weight.new_zeros(blocks * block_out, blocks * block_in)
     padded[:out_features, :in_features] = weight
-    grid = padded.view(blocks, block_out, blocks, block_in)  # block j is padded[j·d2:, j·d1:] = D[j]ᵀ
-    return torch.diagonal(grid, dim1=0, dim2=2).permute(2, 1, 0).contiguous()
+    return diagonal_blocks(padded, (blocks, block_in, block_out), transposed=False).contiguous()
 
 
-def diagonal_blocks(weight: torch.Tensor, blocks: torch.Tensor, *, transposed: bool) -> torch.Tensor:
-    """A view of the weight's diagonal blocks laid out like ``blocks`` (``(N, d1, d2)``): writing to it
-    writes into ``weight``. ``weight`` is ``(out, in)`` (``nn.Linear``) or ``(in, out)`` when ``transposed``
-    (GPT-2's ``Conv1D``); the block count must divide both dimensions."""
-    count, block_in, block_out = blocks.shape
+def diagonal_blocks(
+    weight: torch.Tensor, blocks: torch.Tensor | tuple[int, int, int], *, transposed: bool
+) -> torch.Tensor:
+    """A view of the weight's diagonal blocks laid out like ``blocks`` (``(N, d1, d2)``, a tensor or its shape):
+    writing to it writes into ``weight``. ``weight`` is ``(out, in)`` (``nn.Linear``) or ``(in, out)`` when
+    ``transposed`` (GPT-2's ``Conv1D``); the block count must divide both dimensions."""
+    count, block_in, block_out = blocks.shape if isinstance(blocks, torch.Tensor) else blocks
     if transposed:  # (in, out) = (N·d1, N·d2): block j is weight[j·d1:, j·d2:], already (d1, d2)
         return torch.diagonal(weight.view(count, block_in, count, block_out), dim1=0, dim2=2).permute(2, 0, 1)
     # (out, in) = (N·d2, N·d1): block j is weight[j·d2:, j·d1:] = D[j]ᵀ

@@ -234,11 +234,15 @@ def _build_registry() -> dict[str, TaskDefinition]:
         DataOrigin("LLM-Tuning-Safety/HEx-PHI", split="train"), _read_prompt, None,
         (("prompt", "instruction", "text", "question", "0"),), 128, stop_alpaca,
     )  # fmt: skip
-    glue_sets = [(name, name, "validation", "") for name in GLUE_LABELS if name != "mnli"]
-    glue_sets[4:4] = [
-        ("mnli", "mnli", "validation_matched", " matched"),
-        ("mnli-mm", "mnli", "validation_mismatched", " mismatched"),
-    ]
+    glue_sets = []  # (task name, GLUE config, dev split, what the description adds); MNLI has two dev sets
+    for name in GLUE_LABELS:
+        if name == "mnli":
+            glue_sets += [
+                ("mnli", "mnli", "validation_matched", " matched"),
+                ("mnli-mm", "mnli", "validation_mismatched", " mismatched"),
+            ]
+        else:
+            glue_sets.append((name, name, "validation", ""))
     for task_name, name, split, part in glue_sets:
         read, judge = _glue(name)
         tasks[f"glue-{task_name}"] = TaskDefinition(

@@ -47,7 +47,6 @@ from .reading import open_safetensors
 from .records import ConversionReport
 from .run_folder import CONVERT, ModelOutput
 
-OFFICIAL_FILE = OFFICIAL_CHECKPOINT
 OFFICIAL_KEY_SUFFIX = ".block_A"
 OFFICIAL_DROPOUT = 0.05
 """The official trainer's ``--dropout`` default (ours is 0)."""
@@ -91,23 +90,23 @@ def find_official_checkpoint(source: str | os.PathLike) -> tuple[Path, str | Non
     if source.is_file():
         return source, None
     if not source.is_dir():
-        raise DiaBloError(f"{source} does not exist; give an official run folder or its {OFFICIAL_FILE}")
-    if (source / OFFICIAL_FILE).is_file():
-        return source / OFFICIAL_FILE, None
+        raise DiaBloError(f"{source} does not exist; give an official run folder or its {OFFICIAL_CHECKPOINT}")
+    if (source / OFFICIAL_CHECKPOINT).is_file():
+        return source / OFFICIAL_CHECKPOINT, None
     steps = sorted(
         (int(match.group(1)), path)
         for path in source.iterdir()
-        if (match := _CHECKPOINT_DIR.match(path.name)) and (path / OFFICIAL_FILE).is_file()
+        if (match := _CHECKPOINT_DIR.match(path.name)) and (path / OFFICIAL_CHECKPOINT).is_file()
     )
     if steps:
-        chosen = steps[-1][1] / OFFICIAL_FILE
+        chosen = steps[-1][1] / OFFICIAL_CHECKPOINT
         note = None if len(steps) == 1 else f"took {chosen.parent.name}, the newest of {len(steps)} checkpoints"
         return chosen, note
     if (source / "adapter_config.json").is_file():
         raise DiaBloError(f"{source} is a diablo adapter folder already; to write the official format, --to official")
     raise DiaBloError(
-        f"{source} holds no {OFFICIAL_FILE} (nor checkpoint-N/{OFFICIAL_FILE}); the official DiaBlo trainer saves "
-        f"its adapter there (--save_adapter_only)"
+        f"{source} holds no {OFFICIAL_CHECKPOINT} (nor checkpoint-N/{OFFICIAL_CHECKPOINT}); the official DiaBlo "
+        "trainer saves its adapter there (--save_adapter_only)"
     )
 
 
@@ -128,7 +127,7 @@ def read_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             ) from None
         raise DiaBloError(
             f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {' '.join(str(err).split())[:120]}); "
-            f"give the {OFFICIAL_FILE} the official DiaBlo trainer saved"
+            f"give the {OFFICIAL_CHECKPOINT} the official DiaBlo trainer saved"
         ) from None
     if not isinstance(loaded, dict) or not loaded:
         raise DiaBloError(
@@ -139,7 +138,7 @@ def read_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(key, str) or not key.endswith(OFFICIAL_KEY_SUFFIX):
             raise DiaBloError(
                 f"{path} holds {key!r}, which is not an official DiaBlo adapter tensor (keys end in "
-                f"{OFFICIAL_KEY_SUFFIX}); give the {OFFICIAL_FILE} the trainer saved with --save_adapter_only"
+                f"{OFFICIAL_KEY_SUFFIX}); give the {OFFICIAL_CHECKPOINT} the trainer saved with --save_adapter_only"
             )
         if not isinstance(value, torch.Tensor) or value.ndim != 3 or not value.is_floating_point():
             described = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -325,7 +324,7 @@ def convert_to_official(adapter_dir: str | os.PathLike, output: str | os.PathLik
     count = _official_count(modules, recorded, adapter_dir)
     target = Path(output)
     if target.is_dir() or str(output).endswith(os.sep):
-        target = target / OFFICIAL_FILE
+        target = target / OFFICIAL_CHECKPOINT
     if target.exists() or target.is_symlink():
         raise DiaBloError(
             f"-o {target} exists; diablo does not replace a file it cannot tell it wrote: delete it or choose another"

@@ -20,7 +20,7 @@ from diablo_cli import DiaBloError, load_adapter
 from diablo_cli import cli as cli_module
 from diablo_cli.adapter import read_adapter_config
 from diablo_cli.convert import (
-    OFFICIAL_FILE,
+    OFFICIAL_CHECKPOINT,
     convert_from_official,
     convert_to_official,
     official_block_count,
@@ -109,7 +109,7 @@ def test_official_checkpoint_converts_and_matches_logits(tmp_path, tiny_base, to
     official = official_model(blocks)
     checkpoint = tmp_path / "run" / f"Llama2-7B_block{blocks}_lr0.0005_bs16_ep3_metamath" / "checkpoint-30"
     checkpoint.mkdir(parents=True)
-    saved = save_official(official, checkpoint / OFFICIAL_FILE)
+    saved = save_official(official, checkpoint / OFFICIAL_CHECKPOINT)
     report = convert_from_official(checkpoint.parent, tmp_path / "adapter", base=str(tiny_base))
     assert report.blocks == blocks and report.modules == len(saved) == 15
 
@@ -134,8 +134,10 @@ def test_official_checkpoint_converts_and_matches_logits(tmp_path, tiny_base, to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_official_to_ours_to_official_is_bit_for_bit(tmp_path, tiny_base, dtype):
     official = official_model(9, kinds=(*QKVUD, "o_proj", "gate_proj"), layer_max=1, dtype=dtype)
-    saved = save_official(official, tmp_path / OFFICIAL_FILE)
-    report = convert_from_official(tmp_path / OFFICIAL_FILE, tmp_path / "adapter", base=str(tiny_base), dropout=0.1)
+    saved = save_official(official, tmp_path / OFFICIAL_CHECKPOINT)
+    report = convert_from_official(
+        tmp_path / OFFICIAL_CHECKPOINT, tmp_path / "adapter", base=str(tiny_base), dropout=0.1
+    )
     assert report.layers == (0, 1) and report.targets == "QKVOGUD"
     back = convert_to_official(tmp_path / "adapter", tmp_path / "back")
     assert back.output == tmp_path / "back"
@@ -212,7 +214,7 @@ def test_not_a_checkpoint_and_foreign_keys_are_one_line(tmp_path, tiny_base):
         read_official_checkpoint(tmp_path / "model.chkpt")
     run = tmp_path / "run" / "checkpoint-10"
     run.mkdir(parents=True)
-    save_official(official_model(8), run / OFFICIAL_FILE)
+    save_official(official_model(8), run / OFFICIAL_CHECKPOINT)
     with pytest.raises(DiaBloError, match=r"is a run of the official DiaBlo code .*convert it first: diablo convert"):
         load_adapter(tiny_llama(), tmp_path / "run")
     (tmp_path / "empty").mkdir()
@@ -221,34 +223,34 @@ def test_not_a_checkpoint_and_foreign_keys_are_one_line(tmp_path, tiny_base):
 
 
 def test_a_base_whose_shapes_disagree_is_named(tmp_path, tiny_base):
-    save_official(official_model(8), tmp_path / OFFICIAL_FILE)
+    save_official(official_model(8), tmp_path / OFFICIAL_CHECKPOINT)
     narrow = tmp_path / "narrow"
     tiny_llama(hidden_size=32, intermediate_size=88).save_pretrained(narrow, safe_serialization=True)
     with pytest.raises(DiaBloError, match=r"self_attn\.q_proj\.block_A has shape \(8, 8, 8\).*32×32") as err:
-        convert_from_official(tmp_path / OFFICIAL_FILE, tmp_path / "out", base=str(narrow))
+        convert_from_official(tmp_path / OFFICIAL_CHECKPOINT, tmp_path / "out", base=str(narrow))
     assert "\n" not in str(err.value)
     shallow = tmp_path / "shallow"
     tiny_llama(num_hidden_layers=2).save_pretrained(shallow, safe_serialization=True)
     with pytest.raises(DiaBloError, match=r"adapts model\.layers\.2\.self_attn\.q_proj, but base .* has no module"):
-        convert_from_official(tmp_path / OFFICIAL_FILE, tmp_path / "out", base=str(shallow))
+        convert_from_official(tmp_path / OFFICIAL_CHECKPOINT, tmp_path / "out", base=str(shallow))
     with pytest.raises(DiaBloError, match=r"--blocks 16: .* the official code with --num_blocks 16 stores"):
-        convert_from_official(tmp_path / OFFICIAL_FILE, tmp_path / "out", base=str(tiny_base), blocks=16)
+        convert_from_official(tmp_path / OFFICIAL_CHECKPOINT, tmp_path / "out", base=str(tiny_base), blocks=16)
     assert not (tmp_path / "out").exists()
 
 
 def test_outputs_are_never_replaced_unless_diablo_wrote_them(tmp_path, tiny_base):
-    save_official(official_model(8), tmp_path / OFFICIAL_FILE)
+    save_official(official_model(8), tmp_path / OFFICIAL_CHECKPOINT)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(DiaBloError, match="not empty"):
-        convert_from_official(tmp_path / OFFICIAL_FILE, mine, base=str(tiny_base))
+        convert_from_official(tmp_path / OFFICIAL_CHECKPOINT, mine, base=str(tiny_base))
     with pytest.raises(DiaBloError, match="was not written by diablo"):
-        convert_from_official(tmp_path / OFFICIAL_FILE, mine, base=str(tiny_base), overwrite=True)
+        convert_from_official(tmp_path / OFFICIAL_CHECKPOINT, mine, base=str(tiny_base), overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep me"
-    convert_from_official(tmp_path / OFFICIAL_FILE, tmp_path / "adapter", base=str(tiny_base))
+    convert_from_official(tmp_path / OFFICIAL_CHECKPOINT, tmp_path / "adapter", base=str(tiny_base))
     convert_from_official(
-        tmp_path / OFFICIAL_FILE, tmp_path / "adapter", base=str(tiny_base), overwrite=True, dropout=0.0
+        tmp_path / OFFICIAL_CHECKPOINT, tmp_path / "adapter", base=str(tiny_base), overwrite=True, dropout=0.0
     )
     assert read_adapter_config(tmp_path / "adapter")["dropout"] == 0.0
     (tmp_path / "theirs.chkpt").write_bytes(b"someone else's")
@@ -279,8 +281,8 @@ def test_card_recipe_path_resolves_to_the_paper_recipe():
 
 def test_card_merge_against_an_alias_not_downloaded_is_one_line(tmp_path, capsys):
     """convert reads a paper alias's shipped config offline; merge then needs its weights and says so in one line."""
-    torch.save({"model.layers.0.self_attn.q_proj.block_A": torch.ones(316, 13, 13)}, tmp_path / OFFICIAL_FILE)
-    report = convert_from_official(tmp_path / OFFICIAL_FILE, tmp_path / "out", base="llama2-7b", blocks=320)
+    torch.save({"model.layers.0.self_attn.q_proj.block_A": torch.ones(316, 13, 13)}, tmp_path / OFFICIAL_CHECKPOINT)
+    report = convert_from_official(tmp_path / OFFICIAL_CHECKPOINT, tmp_path / "out", base="llama2-7b", blocks=320)
     assert report.shrunk == {"q_proj": 316} and report.targets == "Q" and report.layers == (0, 0)
     with pytest.raises(SystemExit) as stop:
         cli_module.main(["merge", "--adapter", str(tmp_path / "out"), "--base", "llama2-7b"])

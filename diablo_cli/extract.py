@@ -76,7 +76,7 @@ def extract_adapter(
     chosen = select_targets(skeleton, config)  # refuses a block count these layers cannot hold
     report.blocks = config.blocks
 
-    base_files, tuned_files = tensor_files(base_dir), tensor_files(tuned_dir)
+    (base_files, base_shapes), (tuned_files, tuned_shapes) = tensor_files(base_dir), tensor_files(tuned_dir)
     modules = dict(skeleton.named_modules())
     aliases = tied_parameter_names(skeleton)
     weight_keys: dict[str, str] = {}  # checkpoint key → module name
@@ -87,7 +87,7 @@ def extract_adapter(
             missing = base_dir if key not in base_files else tuned_dir
             raise DiaBloError(f"{missing} has no tensor {key} for the targeted layer {target.name}")
         weight_keys[stored[0]] = target.name
-    _check_shapes(weight_keys, base_files, tuned_files)
+    _check_shapes(weight_keys, base_shapes, tuned_shapes)
     features = {t.name: (t.in_features, t.out_features) for t in chosen}
 
     with ModelOutput(Path(output), command=EXTRACT, overwrite=overwrite) as output:
@@ -172,25 +172,27 @@ def _measure(
     extracted[name] = diagonal * report.scale
 
 
-def _check_shapes(weight_keys: dict[str, str], base_files: dict[str, Path], tuned_files: dict[str, Path]) -> None:
-    """Before any weight is read: every targeted weight has one shape in both models (headers only)."""
+def _check_shapes(
+    weight_keys: dict[str, str], base_shapes: dict[str, tuple[int, ...]], tuned_shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Before any weight is read: every targeted weight has one shape in both models (from the headers)."""
     for key in weight_keys:
-        shapes = []
-        for files in (tuned_files, base_files):
-            with open_safetensors(files[key], DAMAGED_MODEL_ADVICE) as reader:
-                shapes.append(tuple(reader.get_slice(key).get_shape()))
-        if shapes[0] != shapes[1]:
+        if tuned_shapes[key] != base_shapes[key]:
             raise DiaBloError(
-                f"{key}: the fine-tune's is {shapes[0]}, the base's {shapes[1]}; "
+                f"{key}: the fine-tune's is {tuned_shapes[key]}, the base's {base_shapes[key]}; "
                 "give the base the fine-tune started from"
             )
 
 
-def tensor_files(folder: Path) -> dict[str, Path]:
-    """Every tensor key of a model folder's safetensors and the file holding it, in shard order (headers only)."""
+def tensor_files(folder: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    """Every tensor key of a model folder's safetensors with the file holding it (in shard order) and its shape,
+    from one reading of each shard's header."""
     shards, _ = checkpoint_keys(folder)
     located: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for shard in shards:
         with open_safetensors(shard, DAMAGED_MODEL_ADVICE) as reader:
-            located.update(dict.fromkeys(reader.keys(), shard))
-    return located
+            for key in reader.keys():  # noqa: SIM118 (safe_open has keys(), no iteration)
+                located[key] = shard
+                shapes[key] = tuple(reader.get_slice(key).get_shape())
+    return located, shapes

@@ -261,12 +261,19 @@ def test_tied_weights_dropout_and_trainable_bases_are_not_folded():
     assert not trainable_base.folded
 
 
-def test_block_gradient_equals_diagonal_blocks_of_the_weight_gradient():
-    blocks = torch.zeros(6, 8, 5)
-    x, grad = torch.randn(11, 48), torch.randn(11, 30)
-    full = x.T @ grad  # (in, out): the weight gradient a full fine-tune would compute
-    expected = torch.stack([full[j * 8 : (j + 1) * 8, j * 5 : (j + 1) * 5] for j in range(6)])
-    torch.testing.assert_close(kernels.block_gradient(x, grad, blocks), expected, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("count, block_in, block_out", [(6, 8, 5), (6, 5, 8), (4, 6, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_gradient_equals_diagonal_blocks_of_the_weight_gradient(count, block_in, block_out, dtype):
+    """Both operand orders (the smaller block side goes first) and a bf16 layer's inputs cast to fp32 blocks."""
+    blocks = torch.zeros(count, block_in, block_out)
+    x, grad = torch.randn(3, 11, count * block_in).to(dtype), torch.randn(3, 11, count * block_out).to(dtype)
+    full = x.reshape(-1, count * block_in).double().T @ grad.reshape(-1, count * block_out).double()
+    expected = torch.stack(
+        [full[j * block_in : (j + 1) * block_in, j * block_out : (j + 1) * block_out] for j in range(count)]
+    ).float()
+    gradient = kernels.block_gradient(x, grad, blocks)
+    assert gradient.dtype == torch.float32 and gradient.is_contiguous()
+    torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-5)  # bf16 products are exact in fp32
 
 
 def test_diagonal_view_writes_into_the_weight():

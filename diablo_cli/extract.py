@@ -52,7 +52,7 @@ def extract_adapter(
     if blocks is not None and budget is not None:
         raise DiaBloError("give either --blocks or --budget, not both")
     base_dir = local_model_folder(base, trust_remote_code=trust_remote_code)
-    tuned_dir = local_model_folder(finetuned, trust_remote_code=trust_remote_code)
+    tuned_dir = local_model_folder(finetuned, trust_remote_code=trust_remote_code, role="fine-tuned model")
     if base_dir.resolve() == tuned_dir.resolve():
         raise DiaBloError(f"--finetuned {finetuned} is the base itself; give the fully fine-tuned model's folder")
     for folder, option in ((base_dir, "--base"), (tuned_dir, "--finetuned")):

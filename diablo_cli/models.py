@@ -58,8 +58,9 @@ TRUST_ADVICE = (
 DAMAGED_MODEL_ADVICE = "download the model again (or, for a folder diablo wrote, run diablo merge or quantize again)"
 
 
-def resolve_model(name: str) -> str:
-    """A local folder, the bundled model, an alias, or a hub id: what ``from_pretrained`` should read."""
+def resolve_model(name: str, *, role: str = "base model") -> str:
+    """A local folder, the bundled model, an alias, or a hub id: what ``from_pretrained`` should read. ``role``
+    names the model in errors (``fine-tuned model`` for ``diablo extract --finetuned``)."""
     if name == BUNDLED_MODEL:
         return str(bundled_model_dir())
     if name == TINY_MODEL:
@@ -69,7 +70,7 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise DiaBloError(f"base model folder {path} has no config.json (is it a Hugging Face model folder?)")
+            raise DiaBloError(f"{role} folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path)
     return name
 
@@ -300,23 +301,27 @@ MODEL_FOLDER_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", 
 """What a merge needs from a hub repository: configs, safetensors weights and tokenizer files (never pickles)."""
 
 
-def local_model_folder(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+def local_model_folder(
+    name: str, *, revision: str | None = None, trust_remote_code: bool = False, role: str = "base model"
+) -> Path:
     """A local folder holding ``name``'s files: the folder itself, the bundled model, or a hub snapshot
     (downloaded once into the Hugging Face cache, safetensors and configs only); checked as
     :func:`check_local_model` says."""
-    source = resolve_model(name)
+    source = resolve_model(name, role=role)
     if not Path(source).is_dir():
         from huggingface_hub import snapshot_download
 
         try:
             source = snapshot_download(source, revision=revision, allow_patterns=MODEL_FOLDER_FILES)
         except Exception as err:  # offline, gated, missing, bad id: all end in the same advice
-            raise DiaBloError(_explain_load_failure(name, source, err)) from None
-    check_local_model(source, name, trust_remote_code=trust_remote_code)
+            raise DiaBloError(_explain_load_failure(name, source, err, role=role)) from None
+    check_local_model(source, name, trust_remote_code=trust_remote_code, role=role)
     return Path(source)
 
 
-def check_local_model(source: str | os.PathLike, name: str, *, trust_remote_code: bool) -> None:
+def check_local_model(
+    source: str | os.PathLike, name: str, *, trust_remote_code: bool, role: str = "base model"
+) -> None:
     """Before transformers reads a local model folder: its config.json must be readable JSON, a config that
     needs the model's own code is refused unless trusted (one line naming trust_remote_code, where
     transformers raises a ValueError), and every safetensors file must be whole (transformers does not say
@@ -327,11 +332,11 @@ def check_local_model(source: str | os.PathLike, name: str, *, trust_remote_code
         return
     config = read_json_object(config_path, "model config")
     if not trust_remote_code:
-        _refuse_custom_code(config, config_path, name)
+        _refuse_custom_code(config, config_path, name, role)
     check_safetensors(folder, DAMAGED_MODEL_ADVICE)
 
 
-def _refuse_custom_code(config: dict[str, Any], config_path: Path, name: str) -> None:
+def _refuse_custom_code(config: dict[str, Any], config_path: Path, name: str, role: str) -> None:
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
@@ -340,7 +345,7 @@ def _refuse_custom_code(config: dict[str, Any], config_path: Path, name: str) ->
     code = sorted({str(entry).split(".")[0] + ".py" for entry in (config.get("auto_map") or {}).values()})
     if code:
         raise DiaBloError(
-            f"base model {name} needs its own modelling code ({', '.join(code)}, named by auto_map in {config_path}); "
+            f"{role} {name} needs its own modelling code ({', '.join(code)}, named by auto_map in {config_path}); "
             f"{TRUST_ADVICE}"
         )
     if model_type is not None:
@@ -399,12 +404,12 @@ def skeleton_model(config, *, trust_remote_code: bool = False):
         return cls._from_config(config)
 
 
-def _explain_load_failure(name: str, source: str, err: Exception) -> str:
+def _explain_load_failure(name: str, source: str, err: Exception, *, role: str = "base model") -> str:
     text = " ".join(str(err).split())
     if "safetensors" in text.lower() and "bin" in text.lower():
-        return f"base model {name}: no safetensors weights found; diablo-cli loads only safetensors (never pickles)"
+        return f"{role} {name}: no safetensors weights found; diablo-cli loads only safetensors (never pickles)"
     if "trust_remote_code" in text:
-        return f"base model {name} needs its own modelling code; {TRUST_ADVICE}"
+        return f"{role} {name} needs its own modelling code; {TRUST_ADVICE}"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if not Path(source).exists():
         reason = (
@@ -413,16 +418,17 @@ def _explain_load_failure(name: str, source: str, err: Exception) -> str:
             else f"it cannot be downloaded from the hub ({text[:160]})"
         )
         if name in MODEL_ALIASES:
+            where = " (base_model in a recipe, --base for merge)" if role == "base model" else ""
             return (
-                f"base model {name!r} (alias of {source}) comes from the hub and {reason}; download it where the hub "
-                "is reachable and point at that local folder (base_model in a recipe, --base for merge)"
+                f"{role} {name!r} (alias of {source}) comes from the hub and {reason}; download it where the hub "
+                f"is reachable and point at that local folder{where}"
             )
         aliases = ", ".join([BUNDLED_MODEL, TINY_MODEL, *MODEL_ALIASES])
         return (
-            f"base model {name!r} is not a local folder and {reason}; use a local Hugging Face folder, "
+            f"{role} {name!r} is not a local folder and {reason}; use a local Hugging Face folder, "
             f"one of the aliases ({aliases}), or a reachable hub id"
         )
-    return f"base model {name}: {text[:300]}"
+    return f"{role} {name}: {text[:300]}"
 
 
 def bundled_gguf_path() -> Path:

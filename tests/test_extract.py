@@ -136,6 +136,12 @@ def test_mistakes_are_one_line(tmp_path, pair, capsys):
     tiny_llama(intermediate_size=88).save_pretrained(other, safe_serialization=True)
     with pytest.raises(DiaBloError, match=r"up_proj\.weight: the fine-tune's is \(88, 64\), the base's \(176, 64\)"):
         extract_adapter(str(pre_dir), str(other), tmp_path / "a", blocks=8)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    with pytest.raises(DiaBloError, match=r"^fine-tuned model folder .*not-a-model has no config\.json"):
+        extract_adapter(str(pre_dir), str(not_a_model), tmp_path / "a", blocks=8)  # not "base model": it is not
+    with pytest.raises(DiaBloError, match=r"^fine-tuned model '.*missing' is not a local folder"):
+        extract_adapter(str(pre_dir), str(tmp_path / "missing"), tmp_path / "a", blocks=8)
     assert not (tmp_path / "a").exists()
     capsys.readouterr()
     (tmp_path / "mine").mkdir()

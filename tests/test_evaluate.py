@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diablo_cli.evaluate import exact_match, generate, normalize_answer
+from diablo_cli.evaluate import Sampling, exact_match, generate, generate_samples, normalize_answer
 from diablo_cli.evaluate.generation import cut_at_stop
 
 ROOT = Path(__file__).parents[1]
@@ -118,9 +118,52 @@ def test_frozen_head_gets_a_contiguous_input(tokenizer, prompts):
     assert seen == [False]  # the premise: transformers itself hands the head a strided view
     seen.clear()
     hooks = dict(head._forward_pre_hooks)
-    generate(model, tokenizer, prompts, max_new_tokens=3, batch_size=len(prompts))
+    generate(model, tokenizer, prompts, max_new_tokens=3, batch_size=len(prompts), prefix_cache=False)
     assert len(seen) == 3 and all(seen)
     assert dict(head._forward_pre_hooks) == hooks  # nothing left on the model
+
+
+def test_the_shared_prefix_is_computed_once_and_changes_no_text(model, tokenizer, prompts):
+    """The chat template's system turn (24 tokens on SmolLM2) runs once per call, not once per prompt; every text
+    equals the plainly padded path's and the one-prompt-at-a-time one's."""
+    shared = 0
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    while all(ids[shared] == encoded[0][shared] for ids in encoded):
+        shared += 1
+    assert shared >= 16
+    plain = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=len(prompts), prefix_cache=False)
+    assert plain == alone(model, tokenizer, prompts, max_new_tokens=8)
+    for batch_size in (2, 3, len(prompts)):
+        shapes, handle = embedding_calls(model)
+        try:
+            assert generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=batch_size) == plain
+        finally:
+            handle.remove()
+        assert shapes[0] == (1, shared)  # the prefix, once
+        longest = max(map(len, encoded))
+        first_passes = [shape for shape in shapes[1:] if shape[1] > 1]
+        assert len(first_passes) == math.ceil(len(prompts) / batch_size)
+        assert all(shape[1] <= longest - shared for shape in first_passes)  # each batch: only what differs
+
+
+@pytest.mark.parametrize("case", ["short prefix", "one prompt", "samples"])
+def test_no_prefix_pass_where_it_cannot_pay(model, tokenizer, prompts, case):
+    """Bare questions share no 16-token opening; one prompt has nothing to share; sampled copies are not cached."""
+    texts = {"short prefix": QUESTIONS, "one prompt": prompts[:1], "samples": prompts}[case]
+    sampling = Sampling(temperature=1.0, num_samples=2) if case == "samples" else Sampling()
+    shapes, handle = embedding_calls(model)
+    try:
+        generate_samples(model, tokenizer, texts, sampling=sampling, max_new_tokens=2, batch_size=len(texts))
+    finally:
+        handle.remove()
+    assert shapes[0][1] == max(len(tokenizer(text)["input_ids"]) for text in texts)  # whole prompts, padded
+
+
+def embedding_calls(model) -> tuple[list[tuple[int, ...]], object]:
+    shapes: list[tuple[int, ...]] = []
+    embeddings = model.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
 
 
 def test_empty_and_bad_batch_size(model, tokenizer):

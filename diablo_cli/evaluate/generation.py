@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ def generate(
     batch_size: int = 16,
     stop: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    prefix_cache: bool = True,
 ) -> list[str]:
     """Greedy continuations of fully formatted prompts, in the order of ``prompts``.
 
@@ -70,7 +72,14 @@ def generate(
     the tokenizer's ``padding_side`` (and missing pad token) are restored afterwards.
     """
     samples = generate_samples(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, progress=progress
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop=stop,
+        progress=progress,
+        prefix_cache=prefix_cache,
     )
     return [texts[0] for texts in samples]
 
@@ -85,10 +94,12 @@ def generate_samples(
     batch_size: int = 16,
     stop: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    prefix_cache: bool = True,
 ) -> list[list[str]]:
     """`generate` with a decoding choice: ``sampling.num_samples`` texts per prompt (one list per prompt).
 
     Encoder-decoder models (T5) get the prompt as encoder input and return their whole decoder output.
+    ``prefix_cache``: compute the prompts' shared opening once (see :class:`_SharedPrefix`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -113,10 +124,14 @@ def generate_samples(
         model.eval()
         config = _generation_config(model, tokenizer, max_new_tokens, sampling)
         with torch.no_grad(), _contiguous_head_input(model):
+            prefix = _SharedPrefix.of(model, encoded) if n == 1 and not encoder_decoder and prefix_cache else None
             for batch_index, start in enumerate(range(0, len(order), batch_size)):
                 rows = order[start : start + batch_size]
-                batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
-                batch = {key: value.to(model.device) for key, value in batch.items()}
+                if prefix is None:
+                    batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+                    batch = {key: value.to(model.device) for key, value in batch.items()}
+                else:
+                    batch = prefix.batch(tokenizer, [encoded[i] for i in rows])
                 width = 0 if encoder_decoder else batch["input_ids"].shape[1]
                 criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, width)]) if stop else None
                 if not sampling.greedy:
@@ -133,6 +148,59 @@ def generate_samples(
             tokenizer.pad_token = None
         model.train(was_training)
     return results
+
+
+class _SharedPrefix:
+    """The opening every prompt shares (a chat template's system turn, a few-shot block), run through the model
+    once and its attention cache handed to every batch, so that only what differs is computed per prompt.
+
+    On the quickstart's 200 chat prompts the system turn is 24 of ~53 tokens and the prompt pass is 60% of a
+    greedy eval's time. Each batch is laid out as ``[prefix | left padding | rest]``: padding in the middle is
+    masked like padding at the start, and positions come from the attention mask, so every row computes what it
+    computes alone. Used for one sample per prompt on decoder-only models whose cache is the plain dynamic one and
+    whose attention is not windowed (the cache is copied per batch); otherwise prompts are padded as before."""
+
+    MIN_TOKENS = 16  # below this the extra pass and copies cost more than they save
+
+    def __init__(self, ids: list[int], cache, cache_argument: str, device) -> None:
+        self.ids, self.cache, self.cache_argument, self.device = ids, cache, cache_argument, device
+
+    @classmethod
+    def of(cls, model, encoded: list[list[int]]) -> _SharedPrefix | None:
+        from transformers import DynamicCache
+
+        if len(encoded) < 2 or getattr(getattr(model, "config", None), "sliding_window", None):
+            return None
+        shortest = min(len(ids) for ids in encoded)
+        length = 0
+        while length < shortest - 1 and all(ids[length] == encoded[0][length] for ids in encoded):
+            length += 1  # every row keeps at least one token of its own for the cached pass to continue from
+        if length < cls.MIN_TOKENS:
+            return None
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's own forward
+        parameters = inspect.signature(inner.forward).parameters  # takes **kwargs: ask the transformers model's
+        argument = "cache" if "cache" in parameters else "past_key_values"
+        if argument not in parameters:
+            return None
+        ids = torch.tensor([encoded[0][:length]], device=model.device)
+        head = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the prefix's logits go unused
+        outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **head)
+        cache = outputs.get("cache", None) if "cache" in outputs else outputs.get("past_key_values", None)
+        if type(cache) is not DynamicCache or cache.get_seq_length() != length:
+            return None
+        return cls(encoded[0][:length], cache, argument, model.device)
+
+    def batch(self, tokenizer, rows: list[list[int]]) -> dict:
+        """``generate``'s inputs for ``rows``: the prefix, each row's rest left-padded after it, the cache copied."""
+        rest = tokenizer.pad({"input_ids": [ids[len(self.ids) :] for ids in rows]}, return_tensors="pt")
+        prefix = torch.tensor([self.ids]).expand(len(rows), -1)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(rows))
+        return {
+            "input_ids": torch.cat([prefix, rest["input_ids"]], dim=1).to(self.device),
+            "attention_mask": torch.cat([torch.ones_like(prefix), rest["attention_mask"]], dim=1).to(self.device),
+            self.cache_argument: cache,
+        }
 
 
 @contextmanager

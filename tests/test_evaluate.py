@@ -146,6 +146,23 @@ def test_the_shared_prefix_is_computed_once_and_changes_no_text(model, tokenizer
         assert all(shape[1] <= longest - shared for shape in first_passes)  # each batch: only what differs
 
 
+def test_a_peft_model_shares_the_prefix_too(tokenizer, prompts):
+    """PEFT's forward takes **kwargs: the cache argument is read from the model it wraps (the race's LoRA eval)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        tiny_llama(vocab_size=len(tokenizer), initializer_range=0.5),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    plain = generate(lora, tokenizer, prompts, max_new_tokens=6, batch_size=len(prompts), prefix_cache=False)
+    shapes, handle = embedding_calls(lora.get_base_model())
+    try:
+        assert generate(lora, tokenizer, prompts, max_new_tokens=6, batch_size=len(prompts)) == plain
+    finally:
+        handle.remove()
+    assert shapes[0][0] == 1 and shapes[0][1] >= 16
+
+
 @pytest.mark.parametrize("case", ["short prefix", "one prompt", "samples"])
 def test_no_prefix_pass_where_it_cannot_pay(model, tokenizer, prompts, case):
     """Bare questions share no 16-token opening; one prompt has nothing to share; sampled copies are not cached."""

@@ -57,8 +57,10 @@ def importing_torch(_cwd: Path, _stdout: str, pid: int) -> bool:
 
 
 def reading_weights(_cwd: Path, _stdout: str, pid: int) -> bool:
-    """``inspect --probe`` has the model's safetensors mapped: it is loading the weights to probe."""
-    return _mapped(pid, "model.safetensors")
+    """``inspect --probe`` is loading the weights to probe: the model's safetensors are mapped after the probe's
+    data pipeline (pyarrow) was imported. The safetensors alone would also match the header check inspect makes
+    before it probes, a moment a busy machine can catch."""
+    return _mapped(pid, "libarrow") and _mapped(pid, "model.safetensors")
 
 
 def folder_exists(name: str) -> Ready:

@@ -22,6 +22,7 @@ from diablo_cli.errors import TrainingStopped
 from diablo_cli.recipe import load_recipe
 from diablo_cli.tracking import read_metrics
 from diablo_cli.train import train
+from diablo_cli.training.setup import TORCH_ADAMW, optimizer_class
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
@@ -235,3 +236,68 @@ def test_run_files_get_the_permissions_the_umask_gives_not_private_ones(tmp_path
     modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in written}
     assert {name: mode for name, mode in modes.items() if mode not in (0o644, 0o755)} == {}
     assert modes[f"run/{weights}"] == 0o644 and modes["run/checkpoints/step-0000006"] == 0o755
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_ADAMW))
+def test_torchs_adamw_is_built_as_transformers_builds_it(tmp_path, name):
+    """The default optimizers skip transformers' Trainer (seconds of start-up): same class, same arguments."""
+    from transformers import Trainer, TrainingArguments
+
+    settings = {"learning_rate": 3e-4, "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6}
+    recipe = load_recipe(TINY, [f"training.optimizer={name}", *(f"training.{k}={v}" for k, v in settings.items())])
+    arguments = TrainingArguments(output_dir=str(tmp_path), optim=name, report_to=[], use_cpu=True, **settings)
+    assert optimizer_class(recipe) == Trainer.get_optimizer_cls_and_kwargs(arguments)
+
+
+def test_other_optimizers_come_from_transformers():
+    recipe = load_recipe(TINY, ["training.optimizer=adafactor"])
+    cls, arguments = optimizer_class(recipe)
+    assert cls.__name__ == "Adafactor" and arguments["relative_step"] is False
+
+
+def _tiny(dtype: str, attention: str | None = None):
+    from diablo_cli.models import load_base_model
+
+    return load_base_model("tiny-random-llama", dtype=dtype, attn_implementation=attention)[0]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "requested", "max_length", "expected", "reason"),
+    [
+        ("bf16", None, 96, "eager", "auto: faster than sdpa for bf16 on CPU, rows ≤ 96 tokens"),
+        ("bf16", "auto", 512, "eager", "auto: faster than sdpa for bf16 on CPU, rows ≤ 512 tokens"),
+        ("bf16", None, 513, "sdpa", "auto: rows up to 513 tokens, where the fused kernel is fastest"),
+        ("fp32", None, 96, "sdpa", "auto: transformers' choice"),
+        ("bf16", "sdpa", 96, "sdpa", "the recipe's"),
+    ],
+)
+def test_auto_attention_is_eager_only_where_it_trains_faster(dtype, requested, max_length, expected, reason):
+    """benchmarks/attention_cpu.py: eager trains 0.82-0.85x sdpa's step in bf16 on CPU up to 512 tokens, no
+    faster in fp32, slower beyond; a named implementation is the recipe's to keep."""
+    from diablo_cli.training.setup import choose_attention
+
+    model = _tiny(dtype, None if requested == "auto" else requested)
+    line = choose_attention(model, requested, max_length)
+    assert line == f"attention: {expected} ({reason})"
+    assert model.config._attn_implementation == expected
+
+
+def test_eager_and_sdpa_attention_give_the_same_loss_and_gradients_on_padded_rows():
+    """The auto choice changes how attention is computed, not what: right-padded rows of unequal length (the
+    mask each implementation builds its own way), fp32, loss and every input gradient alike."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for attention in ("sdpa", "eager"):
+        model = _tiny("fp32", attention)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), embeds.grad))
+    (loss_sdpa, grad_sdpa), (loss_eager, grad_eager) = results
+    torch.testing.assert_close(loss_eager, loss_sdpa, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_eager, grad_sdpa, rtol=1e-5, atol=1e-7)

@@ -301,3 +301,18 @@ def test_eager_and_sdpa_attention_give_the_same_loss_and_gradients_on_padded_row
     (loss_sdpa, grad_sdpa), (loss_eager, grad_eager) = results
     torch.testing.assert_close(loss_eager, loss_sdpa, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_eager, grad_sdpa, rtol=1e-5, atol=1e-7)
+
+
+def test_eager_and_sdpa_attention_keep_packed_sequences_apart():
+    """Packed rows carry position_ids and no attention mask (data/collator.py): with either implementation each
+    packed sequence attends only to itself, so a packed row's logits equal its sequences' logits run alone."""
+    torch.manual_seed(0)
+    first, second = torch.randint(0, 100, (1, 5)), torch.randint(0, 100, (1, 7))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    for attention in ("sdpa", "eager"):
+        model = _tiny("fp32", attention)
+        with torch.no_grad():
+            together = model(input_ids=packed, position_ids=positions, use_cache=False).logits  # as training calls it
+            alone = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1)
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)

@@ -277,9 +277,18 @@ def test_auto_attention_is_eager_only_where_it_trains_faster(dtype, requested, m
     from diablo_cli.training.setup import choose_attention
 
     model = _tiny(dtype, None if requested == "auto" else requested)
-    line = choose_attention(model, requested, max_length)
+    line = choose_attention(model, requested, max_length, "cpu")
     assert line == f"attention: {expected} ({reason})"
     assert model.config._attn_implementation == expected
+
+
+def test_auto_attention_stays_fused_for_a_base_that_will_train_on_a_gpu():
+    """A full-precision base loads on the CPU and moves later: the device it trains on decides, not where it is."""
+    from diablo_cli.training.setup import choose_attention
+
+    model = _tiny("bf16")
+    assert choose_attention(model, None, 96, "cuda:0") == "attention: sdpa (auto: transformers' choice)"
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_eager_and_sdpa_attention_give_the_same_loss_and_gradients_on_padded_rows():

@@ -137,13 +137,17 @@ PyTorch's fused one, whose CPU backward costs milliseconds per layer on short ro
 0.82× the step at 4 × 65 tokens on SmolLM2); beyond it the fused kernel is as fast and holds less memory."""
 
 
-def choose_attention(model: torch.nn.Module, requested: str | None, max_length: int) -> str:
-    """Set the attention ``auto`` (or None) picks for training ``model`` on rows up to ``max_length`` tokens, and
-    return the line that says which and why. A named implementation was given to transformers at load time."""
+def choose_attention(
+    model: torch.nn.Module, requested: str | None, max_length: int, device: str | torch.device = "cpu"
+) -> str:
+    """Set the attention ``auto`` (or None) picks for training ``model`` on ``device`` (where it will train: a
+    full-precision base is still on the CPU when this runs) on rows up to ``max_length`` tokens, and return the
+    line that says which and why. A named implementation was given to transformers at load time."""
     current = getattr(model.config, "_attn_implementation", None) or "eager"
     if requested not in (None, "auto"):
         return f"attention: {current} (the recipe's)"
-    if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16) or current != "sdpa":
+    on_cpu = torch.device(device).type == "cpu"
+    if not on_cpu or model.dtype not in (torch.bfloat16, torch.float16) or current != "sdpa":
         return f"attention: {current} (auto: transformers' choice)"
     if max_length > EAGER_ATTENTION_UP_TO:
         return f"attention: sdpa (auto: rows up to {max_length} tokens, where the fused kernel is fastest)"
@@ -169,7 +173,7 @@ def load_and_attach(
         device=accelerator.device,
     )
     training_layout(model.config)
-    attention = choose_attention(model, recipe.model.attn_implementation, recipe.data.max_length)
+    attention = choose_attention(model, recipe.model.attn_implementation, recipe.data.max_length, accelerator.device)
     if console is not None:
         console.print(attention, highlight=False)
     quantized = prepare_quantized_training(model)  # before any forward pass: see quantize/trainable.py

@@ -26,14 +26,29 @@ Signature = tuple[torch.dtype, bool]
 """What FSDP1 needs to be uniform inside one flat parameter: (dtype, requires_grad)."""
 
 
+def _deepspeed_launch() -> bool:
+    import os
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def accelerator_on_cpu() -> bool:
     """Whether to build the Accelerator with ``cpu=True``: on a machine without CUDA, except under a DeepSpeed
     launch, which accelerate starts only with ``cpu=False`` (DeepSpeed then runs on its own CPU accelerator,
     ``DS_ACCELERATOR=cpu``, over gloo: how the tests run ZeRO without a GPU)."""
-    import os
+    return not torch.cuda.is_available() and not _deepspeed_launch()
 
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return not torch.cuda.is_available() and not deepspeed
+
+def join_cpu_processes() -> None:
+    """Call before building the Accelerator. Under a DeepSpeed launch without CUDA, ``Accelerator(cpu=False)``
+    alone leaves every launched process in a group of its own, each its own main process (two ranks then claim
+    the same output folder); accelerate's process state built with ``cpu=True`` first joins them over gloo, and
+    the Accelerator keeps that group. (transformers' TrainingArguments used to do this as a side effect.)"""
+    if torch.cuda.is_available() or not _deepspeed_launch():
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=True)
 
 
 def sharding_engine(accelerator) -> str:

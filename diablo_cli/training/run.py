@@ -27,6 +27,7 @@ from ..distributed import (
     accelerator_on_cpu,
     gather_trainable,
     is_sharded,
+    join_cpu_processes,
     load_full_optimizer_state,
 )
 from ..errors import DiaBloError
@@ -71,6 +72,7 @@ def train(
 
     console = console or Console()
     optimizer_cls, optimizer_kwargs = optimizer_class(recipe)  # before Accelerator: it resets accelerate's state
+    join_cpu_processes()
     accelerator = Accelerator(mixed_precision=recipe.training.mixed_precision, cpu=accelerator_on_cpu())
     folder = None
     if accelerator.is_main_process:  # one process holds the folder; the others write only through it

@@ -115,7 +115,7 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="quickstart-memory-")
     recipe = load_recipe(ROOT / "configs/quickstart.yaml", [*overrides, f"output.dir={out}", "output.overwrite=true"])
 
-    phases.wrap(run_module, "optimizer_class", "optimizer class (transformers Trainer import)", "accelerator")
+    phases.wrap(run_module, "optimizer_class", "optimizer class", "accelerator")
     phases.wrap(setup_module, "load_base_model", "model load (tokenizer, config, weights)")
     phases.wrap(setup_module, "attach_adapter", "attach adapters")
     phases.wrap(diablo_cli.data, "prepare_data", "data preparation")

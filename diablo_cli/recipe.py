@@ -69,9 +69,26 @@ class ModelSection(_Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
-    attn_implementation: str | None = None
+    attn_implementation: str | None = None  # None = auto: training/setup.py's choose_attention
     gradient_checkpointing: bool = False
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, name: str | None) -> str | None:
+        """Checked here, before anything loads; a kernels-hub repository (``org/name``) is transformers' to fetch
+        and check."""
+        if name is None or "/" in name:
+            return name
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        valid = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        if name not in valid and name.removeprefix("paged|") not in valid:
+            raise ValueError(
+                f"unknown attention {name!r}{_did_you_mean(name, valid)}; use one of {', '.join(valid)}, or a "
+                "kernels-hub repository (org/name)"
+            )
+        return name
 
 
 class DiaBloAdapter(_Section):

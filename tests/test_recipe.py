@@ -61,6 +61,13 @@ def test_wrong_types_and_impossible_values(tmp_path):
     assert "unknown optimizer 'adamw_torh'; did you mean 'adamw_torch'?" in load_error(
         tmp_path, {**MINIMAL, "training": {"optimizer": "adamw_torh"}}
     )
+    assert "model.attn_implementation: unknown attention 'sdap'; did you mean 'sdpa'?" in load_error(
+        tmp_path, {**MINIMAL, "model": {"attn_implementation": "sdap"}}
+    )
+    for accepted in ("auto", "eager", "sdpa", "paged|sdpa", "kernels-community/flash-attn"):
+        path = tmp_path / "ok.yaml"
+        path.write_text(yaml.safe_dump({**MINIMAL, "model": {"attn_implementation": accepted}}))
+        assert load_recipe(path).model.attn_implementation == accepted
     assert "base_model: required but missing" in load_error(tmp_path, {"data": MINIMAL["data"]})
     assert "give warmup_steps or warmup_ratio, not both" in load_error(
         tmp_path, {**MINIMAL, "training": {"warmup_steps": 10, "warmup_ratio": 0.1}}

@@ -265,15 +265,15 @@ def _tiny(dtype: str, attention: str | None = None):
     ("dtype", "requested", "max_length", "expected", "reason"),
     [
         ("bf16", None, 96, "eager", "auto: faster than sdpa for bf16 on CPU, rows ≤ 96 tokens"),
-        ("bf16", "auto", 512, "eager", "auto: faster than sdpa for bf16 on CPU, rows ≤ 512 tokens"),
-        ("bf16", None, 513, "sdpa", "auto: rows up to 513 tokens, where the fused kernel is fastest"),
+        ("bf16", "auto", 128, "eager", "auto: faster than sdpa for bf16 on CPU, rows ≤ 128 tokens"),
+        ("bf16", None, 129, "sdpa", "auto: rows up to 129 tokens, where the fused kernel is fastest"),
         ("fp32", None, 96, "sdpa", "auto: transformers' choice"),
         ("bf16", "sdpa", 96, "sdpa", "the recipe's"),
     ],
 )
 def test_auto_attention_is_eager_only_where_it_trains_faster(dtype, requested, max_length, expected, reason):
-    """benchmarks/attention_cpu.py: eager trains 0.82-0.85x sdpa's step in bf16 on CPU up to 512 tokens, no
-    faster in fp32, slower beyond; a named implementation is the recipe's to keep."""
+    """benchmarks/attention_cpu.py: eager trains 0.82-0.99x sdpa's step in bf16 on CPU up to 128 tokens (SmolLM2
+    to 7B-shaped layers), no faster in fp32; a named implementation is the recipe's to keep."""
     from diablo_cli.training.setup import choose_attention
 
     model = _tiny(dtype, None if requested == "auto" else requested)

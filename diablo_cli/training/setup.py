@@ -131,10 +131,12 @@ def training_layout(config) -> str:
     return "seq2seq"
 
 
-EAGER_ATTENTION_UP_TO = 512
+EAGER_ATTENTION_UP_TO = 128
 """Rows up to this many tokens train faster on CPU in bf16/fp16 with transformers' eager attention than with
-PyTorch's fused one, whose CPU backward costs milliseconds per layer on short rows (benchmarks/attention_cpu.py:
-0.82× the step at 4 × 65 tokens on SmolLM2); beyond it the fused kernel is as fast and holds less memory."""
+PyTorch's fused one, whose CPU backward costs milliseconds per call on short rows (benchmarks/attention_cpu.py:
+0.82-0.85× the step on SmolLM2 at 65-128 tokens; 7B-shaped layers 0.98-0.99×). Longer rows keep the fused
+kernel: SmolLM2 still gains up to 512 tokens, but 7B-shaped layers lose 2-6% at 256-512 and eager's saved
+attention weights grow with the square of the length (RESULTS.md)."""
 
 
 def choose_attention(

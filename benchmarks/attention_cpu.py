@@ -9,6 +9,11 @@ row supervised. Times are interleaved medians (common.py); "saved" is what autog
 
     python benchmarks/attention_cpu.py                           # fp32 (and bf16 where native), 65 … 1,024
     python benchmarks/attention_cpu.py --dtypes bf16 --lengths 65 256 --repeats 7 --markdown
+    python benchmarks/attention_cpu.py --wide --dtypes bf16 --lengths 65 128 256    # two 7B-shaped layers
+
+``--wide`` replaces SmolLM2 by two random layers of Llama-2-7B's widths (hidden 4,096, 32 heads × 128,
+intermediate 11,008; vocabulary 32,000) with DiaBlo N=64: attention is a smaller share of a wide layer's step,
+which is why ``diablo train`` picks eager only up to 128 tokens.
 """
 
 from __future__ import annotations
@@ -29,16 +34,34 @@ from diablo_cli.loss import choose_loss
 IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def padded_batch(length: int, rows: int) -> dict[str, torch.Tensor]:
+def padded_batch(length: int, rows: int, vocabulary: int) -> dict[str, torch.Tensor]:
     """``rows`` rows up to ``length`` tokens, three of every four shorter by a few tokens and right-padded."""
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49152, (rows, length), generator=generator)
+    ids = torch.randint(0, vocabulary, (rows, length), generator=generator)
     mask = torch.ones_like(ids)
     for row in range(rows):
         mask[row, length - (0, 7, 15, 3)[row % 4] :] = 0
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, : round(0.8 * length)] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def wide_base(dtype: str):
+    """Two random layers at Llama-2-7B's widths (the shapes matter here, not the weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=2,
+        vocab_size=32000,
+    )
+    model = LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def build(base, implementation: str, blocks: int):
@@ -77,7 +100,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[65, 128, 256, 512, 1024])
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step above 4 × 65 (rows = tokens/L)")
-    parser.add_argument("--blocks", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=None, help="DiaBlo's N (default 32; 64 with --wide)")
+    parser.add_argument("--wide", action="store_true", help="two random layers of Llama-2-7B's widths")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--markdown", action="store_true")
@@ -86,13 +110,15 @@ def main() -> None:
     from diablo_cli.models import load_base_model
 
     print(f"# {machine('cpu')}")
-    print(f"# SmolLM2-135M, DiaBlo N={args.blocks} QKVOGUD, medians of {args.repeats} repetitions × {args.runs} steps")
+    args.blocks = args.blocks or (64 if args.wide else 32)
+    model_name = "two random layers at Llama-2-7B's widths" if args.wide else "SmolLM2-135M"
+    print(f"# {model_name}, DiaBlo N={args.blocks} QKVOGUD, medians of {args.repeats} repetitions × {args.runs} steps")
     rows = []
     for dtype in args.dtypes or default_dtypes():
-        base, _ = load_base_model("smollm2-135m", dtype=dtype)
+        base = wide_base(dtype) if args.wide else load_base_model("smollm2-135m", dtype=dtype)[0]
         base.requires_grad_(False)
         for length in args.lengths:
-            batch = padded_batch(length, 4 if length <= 65 else max(1, args.tokens // length))
+            batch = padded_batch(length, 4 if length <= 65 else max(1, args.tokens // length), base.config.vocab_size)
             times = medians(
                 interleaved(
                     {

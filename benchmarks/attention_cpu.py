@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import default_dtypes, give_back_freed_memory, interleaved, machine, medians, saved_activation_bytes, table
-
-from diablo_cli import DiaBloConfig, attach_diablo
-from diablo_cli.loss import choose_loss
+from model_step import build as build_variant
+from model_step import loss_function, step_function
 
 IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -59,38 +58,19 @@ def wide_base(dtype: str):
         num_hidden_layers=2,
         vocab_size=32000,
     )
-    model = LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    model.set_attn_implementation("sdpa")
-    return model
+    return LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 
 
 def build(base, implementation: str, blocks: int):
-    import copy
-
-    model = copy.deepcopy(base)
+    """model_step.py's DiaBlo variant (a fresh copy of ``base``, fused AdamW) with ``implementation``'s attention."""
+    model, optimizer = build_variant("diablo", base, blocks=blocks, rank=0)
     model.set_attn_implementation(implementation)
-    attach_diablo(model, DiaBloConfig(blocks=blocks, target_modules="QKVOGUD"))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-
-
-def step_function(model, optimizer, batch):
-    path = choose_loss(model)
-    count = int((batch["labels"][:, 1:] != -100).sum())
-
-    def step() -> None:
-        path.loss(model, batch, count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return model, optimizer
 
 
 def saved_mib(base, implementation: str, blocks: int, batch) -> float:
     model, _ = build(base, implementation, blocks)
-    path = choose_loss(model)
-    count = int((batch["labels"][:, 1:] != -100).sum())
-    loss, saved = saved_activation_bytes(lambda: path.loss(model, batch, count), list(model.parameters()))
+    loss, saved = saved_activation_bytes(loss_function("diablo", model, batch), list(model.parameters()))
     del loss
     return saved / 2**20
 
@@ -124,7 +104,7 @@ def main() -> None:
                     {
                         name: (
                             lambda name=name, base=base, batch=batch: step_function(
-                                *build(base, name, args.blocks), batch
+                                "diablo", *build(base, name, args.blocks), batch
                             )
                         )
                         for name in IMPLEMENTATIONS

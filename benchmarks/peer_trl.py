@@ -26,6 +26,7 @@ the biggest process, from wait4, and the sampled sum over the tree), and held-ou
 TRL's own progress bars and warnings go to the per-run logs (--logs), never to the table.
 
     python benchmarks/peer_trl.py --rounds 3 --markdown --logs /tmp/peer-logs
+    python benchmarks/peer_trl.py --rounds 3 --seeds 42 1 2 --markdown   # one seed per round, EM paired by seed
     python benchmarks/peer_trl.py --limit 16 --max-steps 4 --eval-limit 8     # smoke: minutes (the evals dominate)
 """
 
@@ -328,6 +329,25 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
+def seed_note(run: dict) -> str:
+    return f" (seed {run['seed']})" if run.get("seed") is not None else ""
+
+
+def exact_match_gap(results: dict[str, list[dict]]) -> tuple[float, float | None]:
+    """diablo's held-out exact match minus TRL's, and its standard error when the rounds ran several seeds.
+
+    With one seed per round the gap is paired by seed and averaged: on 200 held-out examples a point is two
+    answers and one seed moves either tool by ±1.5 points, so a single seed's gap cannot resolve a 2-point target.
+    Without seeds (every round the recipe's seed) the medians are compared, as before.
+    """
+    ours, theirs = results["diablo"], results["trl"]
+    seeds = [run.get("seed") for run in ours]
+    if None in seeds or len(set(seeds)) < 2:
+        return median_of(ours, "after") - median_of(theirs, "after"), None
+    gaps = [mine["after"] - peer["after"] for mine, peer in zip(ours, theirs, strict=True)]  # a round shares a seed
+    return statistics.mean(gaps), statistics.stdev(gaps) / math.sqrt(len(gaps))
+
+
 def report(results: dict[str, list[dict]], rank: int, lora_lr: float, markdown: bool) -> str:
     names = {"diablo": "diablo train (DiaBlo N=32)", "trl": f"TRL SFTTrainer + PEFT LoRA r={rank} (lr {lora_lr:g})"}
     keys = ("wall_s", "train_s", "tokens_per_s", "peak_gib")
@@ -335,7 +355,7 @@ def report(results: dict[str, list[dict]], rank: int, lora_lr: float, markdown: 
     rows = []
     for tool, runs in results.items():
         m = medians[tool]
-        scores = ", ".join(f"{run['before']:.1f}% → {run['after']:.1f}%" for run in runs)
+        scores = ", ".join(f"{run['before']:.1f}% → {run['after']:.1f}%{seed_note(run)}" for run in runs)
         rows.append(
             [
                 names[tool],
@@ -349,7 +369,7 @@ def report(results: dict[str, list[dict]], rank: int, lora_lr: float, markdown: 
             ]
         )
     ours, theirs = medians["diablo"], medians["trl"]
-    points = median_of(results["diablo"], "after") - median_of(results["trl"], "after")
+    points, spread = exact_match_gap(results)
     rows.append(
         [
             "diablo / TRL",
@@ -359,7 +379,8 @@ def report(results: dict[str, list[dict]], rank: int, lora_lr: float, markdown: 
             f"{ours['train_s'] / theirs['train_s']:.2f}×",
             f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}×",
             f"{ours['peak_gib'] / theirs['peak_gib']:.2f}×",
-            f"{points:+.1f} points",
+            f"{points:+.1f} points"
+            + (f" (±{spread:.1f}, {len(results['diablo'])} seeds)" if spread is not None else ""),
         ]
     )
     header = [
@@ -403,15 +424,17 @@ def race(args: argparse.Namespace) -> None:
         results: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
         for round_index in range(args.rounds):
             order = TOOLS if round_index % 2 == 0 else TOOLS[::-1]
+            seed = args.seeds[round_index % len(args.seeds)] if args.seeds else None
+            round_overrides = overrides if seed is None else [*overrides, f"training.seed={seed}"]
             for tool in order:
                 out = scratch / tool
                 log = logs / f"{tool}-{round_index + 1}.txt"
                 if tool == "diablo":
-                    found = run_diablo(overrides, out, log)
+                    found = run_diablo(round_overrides, out, log)
                 else:
                     out.mkdir(parents=True, exist_ok=True)
-                    found = run_trl(overrides, args.lora_lr, out, log)
-                results[tool].append(found)
+                    found = run_trl(round_overrides, args.lora_lr, out, log)
+                results[tool].append({**found, "seed": seed})
                 shown = {key: round(value, 2) if isinstance(value, float) else value for key, value in found.items()}
                 print(f"# round {round_index + 1}, {tool}: {shown}", flush=True)
     print(report(results, check["rank"], args.lora_lr, args.markdown))
@@ -426,6 +449,12 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="Stop after this many steps (smoke).")
     parser.add_argument("--eval-limit", type=int, help="Held-out examples scored (smoke; all 200 by default).")
     parser.add_argument("--lora-lr", type=float, default=2e-3, help="TRL + LoRA learning rate (default 2e-3).")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="training.seed per round, cycled (both tools of a round share it); exact match is then paired by seed.",
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--logs", type=Path, help="Keep each run's output (TRL's bars and warnings) here.")
     parser.add_argument("--child", choices=["trl", "check"], help=argparse.SUPPRESS)

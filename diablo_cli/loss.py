@@ -16,7 +16,9 @@ only) hand the same rows to those packages.
 The loss is computed inside the model's own forward pass (the output-embedding module's forward is replaced on
 the instance), so DDP, FSDP, DeepSpeed, gradient checkpointing and mixed-precision autocast see an ordinary
 forward. Whether a model may take the shortcut is probed, not assumed: a model that changes its logits after the
-head (soft-capping, scaling) or has no plain linear head keeps the dense path, and says why.
+head (soft-capping, scaling), adds to its loss a term the shortcut does not reproduce, or has no plain linear head
+keeps the dense path, and says why. A mixture-of-experts model asked for its router logits
+(``output_router_logits``) adds its load-balancing loss to the token loss, as Hugging Face's own loss does.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class LossPath:
         return self.choice.kind
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
-        """Sum of the token losses of ``batch`` / ``num_items`` (the supervised tokens of the whole window)."""
+        """Sum of the token losses of ``batch`` / ``num_items`` (the supervised tokens of the whole window), plus
+        the router's load-balancing loss where the model computes one (as Hugging Face adds it)."""
         if self._probe_first:
             self._probe_first = False
             self._settle(model)
@@ -91,7 +94,14 @@ class LossPath:
         with _head_runs(self._head, job) as ran:
             output = model(**inputs, use_cache=False)
         ran.check()
-        return output.logits  # the head returned the loss in place of the logits
+        loss = output.logits  # the head returned the loss in place of the logits
+        router_loss = getattr(output, "aux_loss", None)
+        if router_loss is None:
+            return loss
+        coefficient = router_loss_coefficient(model)
+        if coefficient is None:  # the probe finds it first; a model changed since would land here
+            raise _cannot_run(self.kind, _UNKNOWN_ROUTER_WEIGHT)
+        return loss + coefficient * router_loss.to(loss.device)
 
     def _settle(self, model: nn.Module) -> None:
         obstacle = _probe(model, self._head, vocab=self._head.out_features, device=_input_device(model))
@@ -275,7 +285,8 @@ def _forward_or_job(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _probe(model: nn.Module, head: nn.Module, *, vocab: int, device: torch.device) -> str:
-    """'' when the model returns its head's output untouched on a small input, else the reason it does not.
+    """'' when the model returns its head's output untouched on a small input and its own loss there is what the
+    shortcut computes, else the reason it does not.
     ``model`` may be wrapped by an engine (the deferred probe); every process must then probe together."""
     captured: list[torch.Tensor] = []
 
@@ -288,7 +299,14 @@ def _probe(model: nn.Module, head: nn.Module, *, vocab: int, device: torch.devic
     model.eval()
     try:
         with torch.no_grad(), _head_runs(head, job) as ran:
-            output = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            try:
+                output = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+            except TypeError as err:  # a forward without labels: no loss of its own to check against
+                if "labels" not in str(err):
+                    raise
+                captured.clear()
+                ran.count = 0
+                output = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         model.train(was_training)
     if ran.count != 1:
@@ -296,7 +314,41 @@ def _probe(model: nn.Module, head: nn.Module, *, vocab: int, device: torch.devic
     logits = getattr(output, "logits", None)
     if logits is None or logits.shape != captured[0].shape or not torch.equal(logits.float(), captured[0].float()):
         return "it changes its logits after the output layer (soft-capping or scaling)"
+    return _loss_obstacle(model, output, logits, ids)
+
+
+def _loss_obstacle(model: nn.Module, output, logits: torch.Tensor, ids: torch.Tensor) -> str:
+    """'' when the model's own loss on the probe is the token cross-entropy plus, for a router, its coefficient
+    times the load-balancing loss it returns: exactly what the shortcut computes; else what differs."""
+    own = getattr(output, "loss", None)
+    if own is None:  # nothing to check against: the token cross-entropy is the loss
+        return ""
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
+    router_loss = getattr(output, "aux_loss", None)
+    if router_loss is not None:
+        coefficient = router_loss_coefficient(model)
+        if coefficient is None:
+            return _UNKNOWN_ROUTER_WEIGHT
+        expected = expected + coefficient * router_loss.float().to(expected.device)
+    if (own.float().to(expected.device) - expected).abs() > 1e-5 * max(1.0, expected.abs().item()):
+        return "its loss adds a term to the token cross-entropy that the shortcut would drop"
     return ""
+
+
+_UNKNOWN_ROUTER_WEIGHT = "it adds a router load-balancing loss whose weight diablo cannot find"
+ROUTER_COEFFICIENTS = ("router_aux_loss_coef", "aux_loss_coef")
+"""Where Hugging Face's mixture-of-experts causal LMs keep the load-balancing loss's weight (JetMoE: the second)."""
+
+
+def router_loss_coefficient(model: nn.Module) -> float | None:
+    """The weight the model gives its router's load-balancing loss (on the model, or the module an engine
+    wraps), or None when it keeps it under another name."""
+    for holder in (model, getattr(model, "module", None)):
+        for name in ROUTER_COEFFICIENTS:
+            value = getattr(holder, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    return None
 
 
 def weight_device(module: nn.Module) -> torch.device:

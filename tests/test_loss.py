@@ -49,13 +49,13 @@ def dense(model, batch, count):
     return model(**batch, num_items_in_batch=count, use_cache=False).loss
 
 
-def assert_same_training(model, batch, *, atol: float = 1e-6, kind: str = "chunked") -> None:
+def assert_same_training(model, batch, *, atol: float = 1e-6, rtol: float = 0.0, kind: str = "chunked") -> None:
     count = supervised(batch)
     path = choose_loss(model, kind)
     assert path.kind == kind
     expected, expected_grads = loss_and_grads(model, lambda: dense(model, batch, count))
     actual, actual_grads = loss_and_grads(model, lambda: path.loss(model, batch, count))
-    assert torch.allclose(actual, expected, atol=atol, rtol=0), (actual, expected)
+    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (actual, expected)
     assert expected_grads.keys() == actual_grads.keys() and expected_grads
     for name, grad in expected_grads.items():
         assert grad.abs().max() > 0, name
@@ -209,6 +209,92 @@ def test_a_model_that_changes_its_logits_keeps_the_dense_loss():
     model.config.final_logit_softcapping = None
     model.get_output_embeddings()._diablo_probe = None  # a new question: probe again
     assert choose_loss(model).kind == "chunked"
+
+
+MIXTURES = {  # family: (config, model, its own keys); each with output_router_logits on, as a recipe may ask
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "router_aux_loss_coef": 0.5}),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 16,
+            "router_aux_loss_coef": 0.5,
+        },
+    ),
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM", {"num_local_experts": 4, "kv_channels": 8, "aux_loss_coef": 0.5}),
+}
+
+
+def mixture_of_experts(family: str):
+    import transformers
+
+    config_name, model_name, own = MIXTURES[family]
+    shape = {"intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2} if family != "jetmoe" else {}
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_experts_per_tok=2, output_router_logits=True,
+        **shape, **own,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    targets = ["kv_proj"] if family == "jetmoe" else "QKVO"
+    attach_diablo(model, DiaBloConfig(blocks=4, target_modules=targets))
+    randomize_adapters(model)
+    return model.train()
+
+
+@pytest.mark.parametrize("family", list(MIXTURES))
+def test_a_routers_load_balancing_loss_is_added_as_the_dense_path_adds_it(small_slices, family):
+    """Hugging Face adds coefficient × the router's load-balancing loss to the token loss when the config asks
+    for router logits; the shortcut must too, or a mixture-of-experts run trains on another loss unawares."""
+    model = mixture_of_experts(family)
+    batch = batch_of(VOCAB)
+    assert model(**batch).aux_loss > 0  # the term is there to be kept
+    assert_same_training(model, batch, rtol=1e-6)  # a loss near 9.3 (the router's 0.5 × 2.0 in it): 1e-6 is an ulp
+
+
+def test_a_router_weight_diablo_cannot_find_keeps_the_dense_loss(monkeypatch):
+    monkeypatch.setattr(loss_module, "ROUTER_COEFFICIENTS", ("balance_weight",))
+    model = mixture_of_experts("mixtral")
+    path = choose_loss(model, "auto")
+    assert path.kind == "dense" and "router load-balancing loss" in path.choice.reason
+    with pytest.raises(DiaBloError, match=r"training.loss: chunked cannot run on this model: .*load-balancing"):
+        choose_loss(model, "chunked")
+
+
+def test_a_loss_with_an_extra_term_keeps_the_dense_loss():
+    """A model whose own loss is not the plain token cross-entropy (here a z-loss-like term) is probed, not trusted."""
+    model = diablo_model()
+    plain = model.loss_function
+
+    def with_z_loss(logits, labels, vocab_size, **kwargs):
+        return plain(logits, labels, vocab_size, **kwargs) + 1e-3 * logits.float().logsumexp(-1).pow(2).mean()
+
+    model.loss_function = with_z_loss
+    path = choose_loss(model, "auto")
+    assert path.kind == "dense" and "adds a term" in path.choice.reason
+    batch = batch_of(VOCAB)
+    assert torch.equal(path.loss(model, batch, 9), dense(model, batch, 9))
+
+
+def test_a_forward_without_labels_is_probed_on_its_logits_alone():
+    class NoLabels(torch.nn.Module):  # a custom wrapper that computes no loss of its own
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    model = NoLabels(diablo_model())
+    path = choose_loss(model, "auto")
+    assert path.kind == "chunked"
+    batch = batch_of(VOCAB)
+    assert torch.allclose(path.loss(model, batch, 9), dense(model.inner, batch, 9), atol=1e-6)
 
 
 def softcapped_model():

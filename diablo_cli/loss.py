@@ -137,7 +137,7 @@ def choose_loss(
         _require_cce(head)
     elif requested == "liger":
         _require_liger(head)
-    choice = _shortcut_choice(requested, head.out_features)
+    choice = _shortcut_choice(requested, head.out_features, getattr(model, "config", None))
     return LossPath(choice, head, probe_first=obstacle is None, auto=requested == "auto", announce=announce)
 
 
@@ -163,20 +163,25 @@ def planned_loss(config, requested: str = "auto") -> LossChoice:
         return _DENSE_REQUESTED
     if getattr(config, "is_encoder_decoder", False):
         return LossChoice("dense", f"{'auto: ' if requested == 'auto' else ''}{_ENCODER_DECODER}")
-    return _shortcut_choice(requested, config.vocab_size)
+    return _shortcut_choice(requested, config.vocab_size, config)
 
 
 _DENSE_REQUESTED = LossChoice("dense", "Hugging Face's loss over every position's logits, as requested")
 _ENCODER_DECODER = "an encoder-decoder model's loss is on its decoder, which this path does not cover"
 
 
-def _shortcut_choice(requested: str, vocab_size: int) -> LossChoice:
+def _shortcut_choice(requested: str, vocab_size: int, config) -> LossChoice:
     if requested == "cce":
-        return LossChoice("cce", "Cut Cross-Entropy on the supervised positions")
-    if requested == "liger":
-        return LossChoice("liger", "Liger's fused linear cross-entropy on the supervised positions")
-    how = f"supervised positions only, {slice_rows(vocab_size)} × {vocab_size:,} logits at a time"
-    return LossChoice("chunked", f"auto: {how}" if requested == "auto" else how)
+        how = "Cut Cross-Entropy on the supervised positions"
+    elif requested == "liger":
+        how = "Liger's fused linear cross-entropy on the supervised positions"
+    else:
+        how = f"supervised positions only, {slice_rows(vocab_size)} × {vocab_size:,} logits at a time"
+        how = f"auto: {how}" if requested == "auto" else how
+    coefficient = router_loss_coefficient(config) if getattr(config, "output_router_logits", False) else None
+    if coefficient is not None:
+        how += f"; plus {coefficient:g} × the router's load-balancing loss"
+    return LossChoice("chunked" if requested in ("auto", "chunked") else requested, how)
 
 
 def shortcut_obstacle(model: nn.Module, *, probe: bool = True) -> str | None:
@@ -340,9 +345,9 @@ ROUTER_COEFFICIENTS = ("router_aux_loss_coef", "aux_loss_coef")
 """Where Hugging Face's mixture-of-experts causal LMs keep the load-balancing loss's weight (JetMoE: the second)."""
 
 
-def router_loss_coefficient(model: nn.Module) -> float | None:
-    """The weight the model gives its router's load-balancing loss (on the model, or the module an engine
-    wraps), or None when it keeps it under another name."""
+def router_loss_coefficient(model) -> float | None:
+    """The weight the model gives its router's load-balancing loss (on the model, the module an engine wraps, or
+    the config they copy it from), or None when it keeps it under another name."""
     for holder in (model, getattr(model, "module", None)):
         for name in ROUTER_COEFFICIENTS:
             value = getattr(holder, name, None)

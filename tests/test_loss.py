@@ -251,6 +251,8 @@ def test_a_routers_load_balancing_loss_is_added_as_the_dense_path_adds_it(small_
     model = mixture_of_experts(family)
     batch = batch_of(VOCAB)
     assert model(**batch).aux_loss > 0  # the term is there to be kept
+    said = "plus 0.5 × the router's load-balancing loss"
+    assert said in choose_loss(model).choice.describe() and said in planned_loss(model.config).describe()
     assert_same_training(model, batch, rtol=1e-6)  # a loss near 9.3 (the router's 0.5 × 2.0 in it): 1e-6 is an ulp
 
 

@@ -29,7 +29,7 @@ from pydantic import (
 from .adapter.config import DiaBloConfig, canonical_dtype
 from .data.config import DataConfig, DatasetSource
 from .divergence import DivergenceRule
-from .errors import DiaBloError
+from .errors import DiaBloError, did_you_mean
 from .reading import read_text
 
 BUNDLED_SCHEME = "bundled://"
@@ -85,7 +85,7 @@ class ModelSection(_Section):
         valid = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
         if name not in valid and name.removeprefix("paged|") not in valid:
             raise ValueError(
-                f"unknown attention {name!r}{_did_you_mean(name, valid)}; use one of {', '.join(valid)}, or a "
+                f"unknown attention {name!r}{did_you_mean(name, valid)}; use one of {', '.join(valid)}, or a "
                 "kernels-hub repository (org/name)"
             )
         return name
@@ -238,7 +238,7 @@ class TrainingSection(_Section):
 
         valid = [o.value for o in OptimizerNames]
         if name not in valid:
-            raise ValueError(f"unknown optimizer {name!r}{_did_you_mean(name, valid)}; transformers offers {valid}")
+            raise ValueError(f"unknown optimizer {name!r}{did_you_mean(name, valid)}; transformers offers {valid}")
         return name
 
     @model_validator(mode="after")
@@ -485,13 +485,13 @@ def _explain(err: ValidationError) -> str:
     if first["type"] == "union_tag_invalid":
         given = str(first["ctx"]["tag"])
         return (
-            f"{key}.type: unknown adapter type {given!r}{_did_you_mean(given, list(ADAPTER_TYPES))}; "
+            f"{key}.type: unknown adapter type {given!r}{did_you_mean(given, list(ADAPTER_TYPES))}; "
             f"valid types: {', '.join(ADAPTER_TYPES)}"
         )
     if first["type"] == "extra_forbidden":
         valid = _valid_keys(location[:-1], adapter_type)
         kind = f" for adapter type {adapter_type}" if adapter_type and location[-2:-1] == ["adapter"] else ""
-        return f"{key}: unknown key{kind}{_did_you_mean(location[-1], valid)}; valid keys here: {', '.join(valid)}"
+        return f"{key}: unknown key{kind}{did_you_mean(location[-1], valid)}; valid keys here: {', '.join(valid)}"
     if first["type"] == "missing":
         return f"{key}: required but missing"
     if first["type"] in _RANGE_ERRORS:
@@ -550,8 +550,3 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
-
-
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""

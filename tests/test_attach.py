@@ -20,7 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from diablo_cli import DiaBloConfig, DiaBloError, adapted_layers, attach_diablo
+from diablo_cli import AdapterSettingError, DiaBloConfig, DiaBloError, adapted_layers, attach_diablo
 from diablo_cli.adapter import module_letters, select_targets
 
 
@@ -100,6 +100,18 @@ def test_target_matching_nothing_lists_the_linear_layers():
     message = str(err.value)
     assert "matched no linear layer" in message
     assert "model.layers.*.self_attn.q_proj (3)" in message and "lm_head" in message
+
+
+@pytest.mark.parametrize("typo", ["vproj", "self_attn.v_projj", "c_attn"])
+def test_a_listed_layer_the_model_lacks_is_refused_not_left_out(typo):
+    """One good name beside a typo (or another architecture's name) used to train the good one alone."""
+    with pytest.raises(AdapterSettingError) as err:
+        attach_diablo(tiny_llama(), DiaBloConfig(blocks=4, target_modules=["q_proj", typo]))
+    message = str(err.value)
+    assert message.startswith(f"target_modules: {typo!r} names no linear layer of LlamaForCausalLM")
+    assert "model.layers.*.self_attn.v_proj (3)" in message
+    assert ("did you mean 'v_proj'?" in message) == (typo != "c_attn")
+    assert "\n" not in message
 
 
 def test_bad_layer_range_and_unused_override_are_errors():

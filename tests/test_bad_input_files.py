@@ -424,6 +424,11 @@ CASES = [
         created=("out",),  # the run folder is made before the base loads; its removal is the run folder's job
     ),
     Case("inspect-recipe-blocks-100000", inspect_recipe_blocks, ("adapter.blocks", "1–32")),
+    Case(
+        "train-target-modules-one-typo",
+        recipe_with("adapter.target_modules=[q_proj, vproj]"),
+        ("adapter.target_modules", "'vproj' names no linear layer", "did you mean 'v_proj'?"),
+    ),
     # Nonsense hyper-parameters, caught before work starts.
     Case(
         "train-learning-rate-1e12",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import AdapterSettingError, DiaBloError
+from ..errors import AdapterSettingError, DiaBloError, did_you_mean
 from .config import DiaBloConfig, is_letter_spec
 from .layer import BlockLayout, DiaBloLinear, linear_features
 
@@ -101,6 +101,7 @@ def select_targets(model: nn.Module, config: DiaBloConfig) -> list[Target]:
             + f" matched no linear layer of {type(model).__name__}; its linear layers are: "
             + describe_modules(name for name, _, _ in candidates)
         )
+    _check_names_found(config, [name for name, _, _ in candidates], type(model).__name__)
     targets = [Target(name, in_f, out_f, blocks_for(name, config)) for name, (in_f, out_f) in matches]
     _check_overrides_used(config, targets)
     check_block_counts(targets, config)
@@ -216,6 +217,21 @@ def _check_layer_range(config: DiaBloConfig, candidates: list[tuple[str, nn.Modu
             f"layers: {list(config.layers)} starts past the last block; this model has blocks "
             f"{min(indices)}-{max(indices)}"
         )
+
+
+def _check_names_found(config: DiaBloConfig, names: list[str], model_name: str) -> None:
+    """A layer named in a list that the model does not have is a typo or another architecture's name: refused,
+    not quietly left out (the run would train fewer layers than the recipe says)."""
+    if not isinstance(config.target_modules, list):
+        return
+    for entry in config.target_modules:
+        if not any(_name_matches(name, entry) for name in names):
+            endings = sorted({name.rsplit(".", 1)[-1] for name in names})
+            hint = did_you_mean(entry.rsplit(".", 1)[-1], endings)
+            raise AdapterSettingError(
+                f"target_modules: {entry!r} names no linear layer of {model_name}{hint}; "
+                f"its linear layers are: {describe_modules(names)}"
+            )
 
 
 def _check_overrides_used(config: DiaBloConfig, targets: list[Target]) -> None:

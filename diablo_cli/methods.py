@@ -12,7 +12,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from .adapter import parameter_report, save_adapter
 from .adapter.budget import ParameterReport
 from .adapter.files import CONFIG_FILE, DAMAGED_ADAPTER_ADVICE, WEIGHTS_FILE, read_adapter_config
 from .adapter.model import adapted_layers, attach_diablo, describe_kernel
-from .adapter.targets import describe_modules, select_targets
+from .adapter.targets import describe_modules, select_targets, unheld_letters_note
 from .atomic import save_pretrained_into
 from .errors import AdapterSettingError, DiaBloError
 from .models import captured_output, require_extra
@@ -71,11 +71,13 @@ class TrainingMethod:
 @dataclass
 class DiaBloMethod(TrainingMethod):
     section: DiaBloAdapter
+    unheld: list[str] = field(default_factory=list, init=False)  # the plan's note on letters with no layer
 
     def attach(self, model: nn.Module, *, kernel: str | None = None) -> nn.Module:
         config = self.section.to_config()
         if kernel is not None:
             config.kernel = kernel
+        self.unheld = unheld_letters_note(model, config)
         try:
             return attach_diablo(model, config)
         except AdapterSettingError as err:  # the recipe's keys live under adapter:
@@ -88,7 +90,7 @@ class DiaBloMethod(TrainingMethod):
         return None
 
     def notes(self, model: nn.Module) -> list[str]:
-        return [describe_kernel(model)]
+        return [*self.unheld, describe_kernel(model)]
 
     def save(
         self, model: nn.Module, directory: Path, *, base_model: str, tensors: dict[str, torch.Tensor] | None = None
@@ -115,10 +117,13 @@ class PeftLoraMethod(TrainingMethod):
     safetensors only."""
 
     section: LoraAdapter
+    unheld: list[str] = field(default_factory=list, init=False)  # the plan's note on letters with no layer
 
     def attach(self, model: nn.Module, *, kernel: str | None = None) -> nn.Module:
         peft = import_peft()
-        targets = [target.name for target in select_targets(model, self.section.target_config())]
+        selection = self.section.target_config()
+        targets = [target.name for target in select_targets(model, selection)]
+        self.unheld = unheld_letters_note(model, selection)
         config = peft.LoraConfig(
             r=self.section.r,
             lora_alpha=self.section.lora_alpha,
@@ -133,7 +138,10 @@ class PeftLoraMethod(TrainingMethod):
 
     def notes(self, model: nn.Module) -> list[str]:
         names = [name.removeprefix("base_model.model.") for name, module in model.named_modules() if _is_lora(module)]
-        return [f"{self.section.describe()} through PEFT on {len(names)} layers: {describe_modules(names)}"]
+        return [
+            *self.unheld,
+            f"{self.section.describe()} through PEFT on {len(names)} layers: {describe_modules(names)}",
+        ]
 
     def save(
         self, model: nn.Module, directory: Path, *, base_model: str, tensors: dict[str, torch.Tensor] | None = None

@@ -156,3 +156,29 @@ def test_diablo_eval_and_merge_take_a_lora_run_like_a_diablo_run(tmp_path):
     adapter_rows = [r for r in result.predictions if r["model"] == "dora"]
     merged_rows = [r for r in result.predictions if r["model"] == "merged"]
     assert [r["generation"] for r in adapter_rows] == [r["generation"] for r in merged_rows]
+
+
+@pytest.mark.parametrize("kind", ["diablo", "lora"])
+def test_letters_no_layer_holds_are_noted_in_the_plan(kind):
+    """QKVOGUD on Mixtral: its experts are fused 3-D parameters, not linear layers, so G, U and D stay frozen;
+    the plan says so instead of leaving it to rows missing from the table."""
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4,
+    )  # fmt: skip
+    section = (
+        DiaBloAdapter(blocks=4, target_modules="QKVOGUD")
+        if kind == "diablo"
+        else LoraAdapter(type="lora", r=2, target_modules="QKVOGUD")
+    )
+    method = training_method(section)
+    model = method.attach(transformers.MixtralForCausalLM(config))
+    notes = method.notes(model)
+    assert notes[0] == (
+        f"note: target_modules {section.target_modules}: MixtralForCausalLM has no linear layer for G, U, D; "
+        "those parts stay frozen"
+    )
+    llama = training_method(section)
+    assert not any(line.startswith("note:") for line in llama.notes(llama.attach(tiny_llama())))

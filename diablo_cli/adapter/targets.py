@@ -158,6 +158,23 @@ def block_setting(name: str, config: DiaBloConfig) -> str:
     return "blocks" if key is None else f"blocks_by_module[{key!r}]"
 
 
+def unheld_letters_note(model: nn.Module, config: DiaBloConfig) -> list[str]:
+    """A line for the plan when a letter ``target_modules`` asks for letters no linear layer of ``model`` holds
+    (``QKVOGUD`` on OPT: G; on Mixtral, whose experts are fused 3-D parameters rather than linear layers: G, U,
+    D): those parts of the model stay frozen, which the parameter table shows only by leaving rows out."""
+    spec = config.target_modules
+    if not isinstance(spec, str) or not is_letter_spec(spec):
+        return []
+    held = {letter for name, _, _ in linear_modules(model) for letter in module_letters(name)}
+    unheld = [letter for letter in spec if letter not in held]
+    if not unheld:
+        return []
+    return [
+        f"note: target_modules {spec}: {type(model).__name__} has no linear layer for {', '.join(unheld)}; "
+        "those parts stay frozen"
+    ]
+
+
 def describe_modules(names: Iterator[str] | list[str]) -> str:
     """Collapse layer numbers so that 30 identical blocks read as one line: ``model.layers.*.mlp.up_proj (30)``."""
     counts = Counter(_LAYER_INDEX.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1) for name in names)

@@ -68,6 +68,15 @@ class TrainingMethod:
         raise NotImplementedError
 
 
+@contextmanager
+def _keys_under_adapter() -> Iterator[None]:
+    """An adapter setting's error names the setting; in a recipe it lives under ``adapter:``."""
+    try:
+        yield
+    except AdapterSettingError as err:
+        raise DiaBloError(f"adapter.{err}") from None
+
+
 @dataclass
 class DiaBloMethod(TrainingMethod):
     section: DiaBloAdapter
@@ -78,10 +87,8 @@ class DiaBloMethod(TrainingMethod):
         if kernel is not None:
             config.kernel = kernel
         self.unheld = unheld_letters_note(model, config)
-        try:
+        with _keys_under_adapter():
             return attach_diablo(model, config)
-        except AdapterSettingError as err:  # the recipe's keys live under adapter:
-            raise DiaBloError(f"adapter.{err}") from None
 
     def report(self, model: nn.Module) -> ParameterReport:
         return parameter_report(model)
@@ -122,7 +129,8 @@ class PeftLoraMethod(TrainingMethod):
     def attach(self, model: nn.Module, *, kernel: str | None = None) -> nn.Module:
         peft = import_peft()
         selection = self.section.target_config()
-        targets = [target.name for target in select_targets(model, selection)]
+        with _keys_under_adapter():
+            targets = [target.name for target in select_targets(model, selection)]
         self.unheld = unheld_letters_note(model, selection)
         config = peft.LoraConfig(
             r=self.section.r,

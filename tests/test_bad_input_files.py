@@ -429,6 +429,11 @@ CASES = [
         recipe_with("adapter.target_modules=[q_proj, vproj]"),
         ("adapter.target_modules", "'vproj' names no linear layer", "did you mean 'v_proj'?"),
     ),
+    Case(
+        "train-lora-target-modules-one-typo",
+        recipe_with("adapter.type=lora", "adapter.r=2", "adapter.target_modules=[q_proj, vproj]"),
+        ("adapter.target_modules", "'vproj' names no linear layer", "did you mean 'v_proj'?"),
+    ),
     # Nonsense hyper-parameters, caught before work starts.
     Case(
         "train-learning-rate-1e12",

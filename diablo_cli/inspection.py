@@ -19,7 +19,7 @@ from typing import Any
 from .adapter import DiaBloConfig, base_parameter_count, select_targets
 from .adapter.config import is_letter_spec
 from .adapter.layer import BlockLayout
-from .adapter.targets import Target, linear_modules, module_letters
+from .adapter.targets import Target, linear_modules, module_letters, unheld_letters_note
 from .errors import DiaBloError
 from .models import MODEL_ALIASES, _explain_load_failure, check_local_model, resolve_model, skeleton_model
 from .precision import AUTO, DtypeChoice, choose_dtype
@@ -91,7 +91,8 @@ def inspect_model(
         gpu_spec(gpu)
     config = load_model_config(name, trust_remote_code=trust_remote_code, revision=revision)
     model = skeleton_model(config, trust_remote_code=trust_remote_code)
-    selection = select_targets(model, DiaBloConfig(blocks=1, target_modules=targets, layers=layers))
+    wanted = DiaBloConfig(blocks=1, target_modules=targets, layers=layers)
+    selection = select_targets(model, wanted)
     base = base_parameter_count(model)
     targeted = group_shapes(selection)
     inspection = ModelInspection(
@@ -103,6 +104,7 @@ def inspect_model(
         layers=layers,
         targeted=targeted,
         candidates=[],
+        notes=unheld_letters_note(model, wanted),
     )
     dims = sorted({d for shape in targeted for d in (shape.in_features, shape.out_features)})
     counts = sorted(set(common_divisors(dims)) | set(blocks or []))

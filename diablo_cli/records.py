@@ -200,6 +200,7 @@ class ModelInspection:
     memory: list[dict[str, Any]] = field(default_factory=list)  # bytes by part, DiaBlo then LoRA
     probe: list[dict[str, Any]] = field(default_factory=list)  # ProbedModule rows, with --probe
     scaling: dict[str, Any] = field(default_factory=dict)  # scaling.ScalingEstimate of the DiaBlo choice
+    notes: list[str] = field(default_factory=list)  # e.g. target letters no linear layer holds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ from diablo_cli.inspection import (
     parse_layers,
     parse_targets,
 )
+from diablo_cli.report.inspection import model_inspection_view
 
 LLAMA2_7B_QKVUD_WIDTH = 32 * (3 * (4096 + 4096) + 2 * (4096 + 11008))  # Σ (in + out) over the targeted layers
 
@@ -389,3 +390,21 @@ def test_cli_bad_sharding_is_one_line():
     bad = run_cli("inspect", "llama2-7b", "--sharding", "zero4")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
     assert "--sharding 'zero4'" in bad.stderr and "none, ddp, zero2, zero3, fsdp" in bad.stderr
+
+
+def test_target_letters_no_layer_holds_are_noted(tmp_path):
+    """Mixtral's experts are fused 3-D parameters, not linear layers: a budget for QKVOGUD there counts
+    attention alone, and the inspection says so (the view and --json)."""
+    from transformers import MixtralConfig
+
+    MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    inspection = inspect_model(str(tmp_path), targets="qkvogud")
+    expected = (
+        "note: target_modules QKVOGUD: MixtralForCausalLM has no linear layer for G, U, D; those parts stay frozen"
+    )
+    assert inspection.notes == [expected] and inspection.to_dict()["notes"] == [expected]
+    assert expected in model_inspection_view(inspection)
+    assert inspect_model("llama2-7b", targets="QKVOGUD", blocks=[64]).notes == []

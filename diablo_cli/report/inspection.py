@@ -47,7 +47,7 @@ def model_inspection_view(inspection: ModelInspection) -> list:
             style="bold green" if c.chosen else None,
         )
     candidates.caption = "* N does not divide every targeted dimension: padding, dead entries counted"
-    view: list = [modules, candidates]
+    view: list = [modules, *inspection.notes, candidates]
     if inspection.budget is not None:
         view.append(f"budget: {inspection.budget:,} parameters ({inspection.budget_source}); closest from below:")
         view.append(inspection.recipe_snippet)

@@ -94,14 +94,10 @@ class LossPath:
         with _head_runs(self._head, job) as ran:
             output = model(**inputs, use_cache=False)
         ran.check()
-        loss = output.logits  # the head returned the loss in place of the logits
-        router_loss = getattr(output, "aux_loss", None)
-        if router_loss is None:
-            return loss
-        coefficient = router_loss_coefficient(model)
-        if coefficient is None:  # the probe finds it first; a model changed since would land here
-            raise _cannot_run(self.kind, _UNKNOWN_ROUTER_WEIGHT)
-        return loss + coefficient * router_loss.to(loss.device)
+        try:  # the head returned the loss in place of the logits
+            return _with_router_loss(output.logits, model, output)
+        except LookupError:  # the probe finds it first; a model changed since would land here
+            raise _cannot_run(self.kind, _UNKNOWN_ROUTER_WEIGHT) from None
 
     def _settle(self, model: nn.Module) -> None:
         obstacle = _probe(model, self._head, vocab=self._head.out_features, device=_input_device(model))
@@ -329,12 +325,10 @@ def _loss_obstacle(model: nn.Module, output, logits: torch.Tensor, ids: torch.Te
     if own is None:  # nothing to check against: the token cross-entropy is the loss
         return ""
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
-    router_loss = getattr(output, "aux_loss", None)
-    if router_loss is not None:
-        coefficient = router_loss_coefficient(model)
-        if coefficient is None:
-            return _UNKNOWN_ROUTER_WEIGHT
-        expected = expected + coefficient * router_loss.float().to(expected.device)
+    try:
+        expected = _with_router_loss(expected, model, output)
+    except LookupError as err:
+        return str(err)
     if (own.float().to(expected.device) - expected).abs() > 1e-5 * max(1.0, expected.abs().item()):
         return "its loss adds a term to the token cross-entropy that the shortcut would drop"
     return ""
@@ -343,6 +337,19 @@ def _loss_obstacle(model: nn.Module, output, logits: torch.Tensor, ids: torch.Te
 _UNKNOWN_ROUTER_WEIGHT = "it adds a router load-balancing loss whose weight diablo cannot find"
 ROUTER_COEFFICIENTS = ("router_aux_loss_coef", "aux_loss_coef")
 """Where Hugging Face's mixture-of-experts causal LMs keep the load-balancing loss's weight (JetMoE: the second)."""
+
+
+def _with_router_loss(loss: torch.Tensor, model, output) -> torch.Tensor:
+    """``loss`` plus what Hugging Face adds to it for a router: the coefficient × the load-balancing loss the
+    forward returned (nothing when it returned none). LookupError when the coefficient has a name diablo does not
+    know. The training loss and the probe's check both go through here, so they cannot drift apart."""
+    router_loss = getattr(output, "aux_loss", None)
+    if router_loss is None:
+        return loss
+    coefficient = router_loss_coefficient(model)
+    if coefficient is None:
+        raise LookupError(_UNKNOWN_ROUTER_WEIGHT)
+    return loss + coefficient * router_loss.to(loss.device)
 
 
 def router_loss_coefficient(model) -> float | None:

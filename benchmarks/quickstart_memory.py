@@ -15,13 +15,15 @@ process allocated itself. The table's last row is the whole process's peak, what
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import give_back_freed_memory
 
 ROOT = Path(__file__).parents[1]
 MIB = 1024
@@ -50,7 +52,6 @@ class Phases:
         self.rows: list[tuple[str, dict[str, int], int, int, float]] = []
         self.process_peak = 0
         self.trim = trim
-        self._libc = ctypes.CDLL("libc.so.6") if trim else None
         self._name = "interpreter"
         self._started_rss = 0
         self._started = time.perf_counter()
@@ -60,8 +61,8 @@ class Phases:
         """End the current phase and start ``name``."""
         now = status()
         peak = now["VmHWM"]
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
+        if self.trim:
+            give_back_freed_memory()
             now = status()
         self.process_peak = max(self.process_peak, peak)
         self.rows.append((self._name, now, peak, now["VmRSS"] - self._started_rss, time.perf_counter() - self._started))
